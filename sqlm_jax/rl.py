@@ -1,0 +1,265 @@
+"""RL math as pure functions: log-probs, advantages (GRPO, GAE), PPO-clip, KL estimators, value loss.
+
+Shapes: B sequences, T response positions, V vocabulary, G groups of n samples. `mask[B, T]` is 1 on
+response tokens that count (bool or 0/1 numbers). Per-token losses are returned as
+`(sum over valid tokens, valid token count)` so a caller accumulating over micro-batches divides once
+at the end and gets exactly the big-batch token mean. Metrics are returned as sums for the same reason.
+
+Formulas follow verl's `verl/trainer/ppo/core_algos.py` (the reference implementation is a verl fork).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Log-ratio clamp before exp(), as verl, so a stale old log-prob cannot overflow the ratio.
+_LOG_RATIO_CLAMP = 20.0
+# verl clamps the k3 ("low_var_kl") estimate to this range.
+_K3_CLAMP = 10.0
+# verl's masked_whiten: (x - mean) * rsqrt(var + 1e-8).
+_WHITEN_EPS = 1e-8
+
+
+def masked_sum(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """Sum of x over mask; padded entries contribute 0 even if they hold inf or nan. Scalar float32."""
+    return jnp.sum(jnp.where(mask.astype(bool), x, 0.0), dtype=jnp.float32)
+
+
+def token_count(mask: jnp.ndarray) -> jnp.ndarray:
+    """Number of valid tokens in mask. Scalar float32."""
+    return jnp.sum(mask.astype(bool), dtype=jnp.float32)
+
+
+def token_mean(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """Mean of x over mask (0 when the mask is empty). Scalar float32."""
+    return masked_sum(x, mask) / jnp.maximum(token_count(mask), 1.0)
+
+
+def token_logprobs(logits: jnp.ndarray, tokens: jnp.ndarray, temperature: float = 1.0) -> jnp.ndarray:
+    """Log-probability of each chosen token.
+
+    Args:
+      logits: [B, T, V], any float dtype; computed in float32.
+      tokens: [B, T] int ids; logits[:, t] is the distribution that produced tokens[:, t].
+      temperature: the sampling temperature; logits are divided by it first, as verl does, so the
+        PPO ratio is taken against the distribution the samples were actually drawn from.
+
+    Returns:
+      [B, T] float32.
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    # Gather-then-subtract avoids materialising a [B, T, V] log_softmax.
+    picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def entropy(logits: jnp.ndarray, temperature: float = 1.0) -> jnp.ndarray:
+    """Entropy of each next-token distribution: logsumexp(z) - sum(softmax(z) * z).
+
+    Args:
+      logits: [B, T, V], computed in float32.
+
+    Returns:
+      [B, T] float32.
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    probs = jax.nn.softmax(logits, axis=-1)
+    # 0 * -inf is nan: a token masked out with a -inf logit must contribute 0, not poison the sum.
+    expected_logit = jnp.sum(jnp.where(probs > 0, probs * logits, 0.0), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - expected_logit
+
+
+def grpo_advantages(rewards: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
+    """GRPO outcome advantages: (r - group mean) / (group std + eps), std with the n - 1 divisor.
+
+    Args:
+      rewards: [G, n] one scalar reward per sample, n samples per group.
+      eps: added to the std so an all-equal group gives advantage 0, not nan.
+
+    Returns:
+      [G, n] float32. A singleton group (n = 1) has no sample std; verl then uses mean 0 and std 1,
+      i.e. advantage r / (1 + eps), and so do we.
+    """
+    rewards = rewards.astype(jnp.float32)
+    if rewards.shape[-1] == 1:
+        return rewards / (1.0 + eps)
+    mean = jnp.mean(rewards, axis=-1, keepdims=True)
+    std = jnp.std(rewards, axis=-1, keepdims=True, ddof=1)
+    return (rewards - mean) / (std + eps)
+
+
+def broadcast_sequence_advantage(advantages: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """Applies one advantage per sequence to every valid token of it.
+
+    Args:
+      advantages: [B].
+      mask: [B, T].
+
+    Returns:
+      [B, T] float32, zero on padding.
+    """
+    return advantages.astype(jnp.float32)[:, None] * mask.astype(jnp.float32)
+
+
+def masked_whiten(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """verl's masked_whiten: (x - mean) / sqrt(var + 1e-8), mean and unbiased var over valid tokens.
+
+    Args:
+      x: [B, T]; mask: [B, T].
+
+    Returns:
+      [B, T] float32, zero on padding. With fewer than two valid tokens verl raises (n/(n-1) is
+      undefined); here the Bessel factor falls back to 1 instead.
+    """
+    count = token_count(mask)
+    mean = token_mean(x, mask)
+    var = token_mean(jnp.square(x - mean), mask) * count / jnp.maximum(count - 1.0, 1.0)
+    return jnp.where(mask.astype(bool), (x - mean) * jax.lax.rsqrt(var + _WHITEN_EPS), 0.0)
+
+
+def gae_advantages(
+    token_rewards: jnp.ndarray,
+    values: jnp.ndarray,
+    mask: jnp.ndarray,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Generalised advantage estimation, as verl's compute_gae_advantage_return.
+
+    Backward over t: delta_t = r_t + gamma * V_next - V_t, A_t = delta_t + gamma * lam * A_next, where
+    V_next and A_next come from the next *valid* token (padding is skipped, not treated as a state).
+    returns = A + V (before whitening); the advantages are then whitened over all valid tokens of the
+    batch (`masked_whiten`), so call this on the whole batch, not per micro-batch.
+
+    Args:
+      token_rewards: [B, T] (the outcome reward sits on the last valid token).
+      values: [B, T] critic values V(s_t).
+      mask: [B, T].
+      gamma, lam: discount and GAE lambda (1.0 and 1.0 in the reference).
+
+    Returns:
+      (advantages[B, T] whitened, returns[B, T]), float32, zero on padding.
+    """
+    m = mask.astype(jnp.float32)
+    r = token_rewards.astype(jnp.float32)
+    v = values.astype(jnp.float32)
+
+    def step(carry, xs):
+        next_value, next_adv = carry
+        r_t, v_t, m_t = xs
+        delta = r_t + gamma * next_value - v_t
+        adv = delta + gamma * lam * next_adv
+        # On padding keep the carry, so the next valid token to the left bootstraps past it.
+        next_value = v_t * m_t + (1.0 - m_t) * next_value
+        next_adv = adv * m_t + (1.0 - m_t) * next_adv
+        return (next_value, next_adv), next_adv
+
+    zeros = jnp.zeros(r.shape[0], jnp.float32)
+    _, adv_tb = jax.lax.scan(step, (zeros, zeros), (r.T, v.T, m.T), reverse=True)
+    advantages = adv_tb.T
+    returns = (advantages + v) * m
+    return masked_whiten(advantages, mask), returns
+
+
+def ppo_policy_loss(
+    logp: jnp.ndarray,
+    old_logp: jnp.ndarray,
+    advantages: jnp.ndarray,
+    mask: jnp.ndarray,
+    *,
+    clip_eps: float = 0.2,
+    dual_clip_c: float = 3.0,
+) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
+    """PPO clipped surrogate with dual clip (verl's compute_policy_loss).
+
+    ratio = exp(clamp(logp - old_logp, -20, 20));
+    loss = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), and where A < 0 additionally
+    min(loss, -A * c): a huge ratio on a negative-advantage token cannot blow the loss up.
+
+    Args:
+      logp: [B, T] current log-probs (differentiated).
+      old_logp: [B, T] log-probs of the sampling-time weights.
+      advantages: [B, T].
+      mask: [B, T].
+      clip_eps: PPO clip epsilon.
+      dual_clip_c: dual-clip bound, must be > 1.
+
+    Returns:
+      (loss_sum, token_count, metrics): loss = loss_sum / token_count. metrics are sums over valid
+      tokens, to be divided by the same count: "pg_clipfrac" (tokens where the eps-clip is active),
+      "pg_clipfrac_lower" (tokens where the dual clip is active), "ppo_kl" (sum of old_logp - logp).
+    """
+    if dual_clip_c <= 1.0:
+        raise ValueError(f"dual_clip_c must be > 1 (got {dual_clip_c}); 3.0 is the reference value")
+    log_ratio = jnp.clip(logp - old_logp, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = jnp.exp(log_ratio)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss_ppo = jnp.maximum(loss_unclipped, loss_clipped)
+    loss_dual = -advantages * dual_clip_c
+    negative = advantages < 0
+    losses = jnp.where(negative, jnp.minimum(loss_ppo, loss_dual), loss_ppo)
+    metrics = {
+        "pg_clipfrac": masked_sum((loss_clipped > loss_unclipped).astype(jnp.float32), mask),
+        "pg_clipfrac_lower": masked_sum(((loss_ppo > loss_dual) & negative).astype(jnp.float32), mask),
+        "ppo_kl": masked_sum(-log_ratio, mask),
+    }
+    return masked_sum(losses, mask), token_count(mask), metrics
+
+
+def kl_penalty(logp: jnp.ndarray, ref_logp: jnp.ndarray, kind: str = "k3") -> jnp.ndarray:
+    """Per-token KL(policy || reference) estimate from sampled-token log-probs (Schulman's k1/k2/k3).
+
+    k1: logp - ref_logp.
+    k2: 0.5 * (logp - ref_logp)^2.
+    k3 (verl "low_var_kl"): with d = clamp(ref_logp - logp, -20, 20), exp(d) - d - 1 clamped to
+      [-10, 10] (it is >= 0, so in effect to at most 10).
+
+    Args:
+      logp, ref_logp: [B, T].
+      kind: "k1", "k2" or "k3".
+
+    Returns:
+      [B, T] float32.
+    """
+    diff = logp.astype(jnp.float32) - ref_logp.astype(jnp.float32)
+    if kind == "k1":
+        return diff
+    if kind == "k2":
+        return 0.5 * jnp.square(diff)
+    if kind == "k3":
+        d = jnp.clip(-diff, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        return jnp.clip(jnp.exp(d) - d - 1.0, -_K3_CLAMP, _K3_CLAMP)
+    raise ValueError(f"unknown KL estimator {kind!r}; choose one of 'k1', 'k2', 'k3'")
+
+
+def value_loss(
+    values: jnp.ndarray,
+    old_values: jnp.ndarray,
+    returns: jnp.ndarray,
+    mask: jnp.ndarray,
+    clip: float = 0.5,
+) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
+    """Clipped value loss (verl's compute_value_loss): 0.5 * max((V - R)^2, (V_clipped - R)^2).
+
+    V_clipped = old_V + clip(V - old_V, -clip, clip): the critic may not move further than `clip`
+    from its sampling-time value unless that also lowers the loss.
+
+    Args:
+      values: [B, T] current critic values (differentiated).
+      old_values: [B, T] critic values when the batch was collected.
+      returns: [B, T] targets (from `gae_advantages`).
+      mask: [B, T].
+      clip: value clip range (0.5 in the reference).
+
+    Returns:
+      (loss_sum, token_count, metrics) with metrics {"vf_clipfrac": count of tokens where the clipped
+      term is the larger one}, all sums over valid tokens.
+    """
+    clipped = jnp.clip(values, old_values - clip, old_values + clip)
+    loss_unclipped = jnp.square(values - returns)
+    loss_clipped = jnp.square(clipped - returns)
+    losses = 0.5 * jnp.maximum(loss_unclipped, loss_clipped)
+    metrics = {"vf_clipfrac": masked_sum((loss_clipped > loss_unclipped).astype(jnp.float32), mask)}
+    return masked_sum(losses, mask), token_count(mask), metrics
