@@ -1,0 +1,141 @@
+"""Linear-equation algebra: the proposer writes three word problems and selects the last one.
+
+Held-out evaluation: OMEGA's linear-equation problems, from a local file (``data_path``) or the hub
+(``dataset``, only when asked); otherwise a small seeded generator of one- and two-variable linear
+equations in the OMEGA / DeepMind-mathematics style ("Solve 3*k + 4 = -2*k - 6 for k.").
+The generator only makes integer solutions, so the reference's integer-only answer parser can
+score every problem; with ``normalize_answers`` fractional OMEGA answers can be scored too.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import ClassVar
+
+from sqlm_jax.tasks.base import MathTask, Question, load_hub_records, load_records, sample
+
+# Reference wording (verl fork, examples/data_preprocess/selfplay.py, linear_equations_v1).
+ALGEBRA_PROPOSER_PROMPT = (
+    "Create three diverse, challenging algebra word problems that involve linear equations with up "
+    "to two variables. Use only integers for all coefficients. The problem should be solvable with a "
+    "unique solution where each variable has a rational (integer or fractional) value. Do not solve "
+    "the problems. Then select the last one and put it in the format: Selected Question: <question>"
+)
+
+SELECTED_MARKER = "Selected Question"
+
+# Variable names: single letters, minus ones that read as constants or words (e, i, l, o).
+_VARIABLES = "abcdfghjkmnpqrstuvwxyz"
+
+
+def parse_selected_question(text: str) -> str | None:
+    """Text after the last "Selected Question", without the colon / markdown bold around the marker.
+
+    None if the marker is absent or nothing follows it. (The reference keeps the text after the
+    marker as is, colon included, and on a missing marker sends the whole proposal to the solver
+    with the proposer's loss masked; here the trainer decides what an invalid proposal costs.)
+    """
+    if SELECTED_MARKER not in text:
+        return None
+    question = text.rsplit(SELECTED_MARKER, 1)[1].lstrip(" \t\r\n:*").strip()
+    return question or None
+
+
+def _linear(terms: list[tuple[int, str]], constant: int = 0) -> str:
+    """Format sum(coef*var) + constant as "3*x - y + 5"; zero terms are left out."""
+    parts = [(c, f"{abs(c)}*{v}" if abs(c) != 1 else v) for c, v in terms if c]
+    if constant or not parts:
+        parts.append((constant, str(abs(constant))))
+    head_sign, head = parts[0]
+    text = ("-" if head_sign < 0 else "") + head
+    return text + "".join(f" {'-' if c < 0 else '+'} {body}" for c, body in parts[1:])
+
+
+def _nonzero(rng: random.Random, bound: int) -> int:
+    return rng.choice([k for k in range(-bound, bound + 1) if k])
+
+
+def one_variable_problem(rng: random.Random) -> tuple[str, Fraction]:
+    """a*v + b = c*v + d with a != c (so the solution is unique) and an integer solution."""
+    v = rng.choice(_VARIABLES)
+    solution = rng.randint(-12, 12)
+    a = _nonzero(rng, 15)
+    c = rng.choice([k for k in range(-15, 16) if k != a])
+    b = rng.randint(-60, 60)
+    d = (a - c) * solution + b
+    return f"Solve {_linear([(a, v)], b)} = {_linear([(c, v)], d)} for {v}.", Fraction(solution)
+
+
+def two_variable_problem(rng: random.Random) -> tuple[str, Fraction]:
+    """A 2x2 system with nonzero determinant (unique solution), integer solutions; asks for one."""
+    u, w = rng.sample(_VARIABLES, 2)
+    x, y = rng.randint(-12, 12), rng.randint(-12, 12)
+    while True:
+        a, b, c, d = (_nonzero(rng, 9) for _ in range(4))
+        if a * d - b * c:
+            break
+    asked, value = rng.choice([(u, x), (w, y)])
+    first = f"{_linear([(a, u), (b, w)])} = {a * x + b * y}"
+    second = f"{_linear([(c, u), (d, w)])} = {c * x + d * y}"
+    return f"Solve {first}, {second} for {asked}.", Fraction(value)
+
+
+def linear_equation_problems(n: int, seed: int) -> list[tuple[str, Fraction]]:
+    """``n`` seeded problems, half one-variable and half two-variable on average."""
+    rng = random.Random(seed)
+    return [
+        (two_variable_problem if rng.random() < 0.5 else one_variable_problem)(rng) for _ in range(n)
+    ]
+
+
+def _record_question(record: dict) -> str:
+    """The problem text of an OMEGA row (``messages``) or of a flat {question|problem|prompt} row."""
+    for key in ("question", "problem", "prompt"):
+        if isinstance(record.get(key), str):
+            return record[key]
+    messages = record.get("messages") or record.get("prompt") or []
+    user = [m["content"] for m in messages if m.get("role") == "user"]
+    if not user:
+        raise ValueError(f"row has no question/problem/prompt text or user message: keys {sorted(record)}")
+    return user[-1]
+
+
+def _record_answer(record: dict) -> str:
+    for key in ("answer", "ground_truth", "solution"):
+        if key in record:
+            return str(record[key])
+    raise ValueError(f"row has no answer/ground_truth/solution field: keys {sorted(record)}")
+
+
+@dataclass
+class AlgebraTask(MathTask):
+    """Linear-equation self-play; reward by majority vote.
+
+    Held-out source, first that applies: ``data_path`` (local OMEGA file: .jsonl/.json/.parquet,
+    rows with question/answer fields or OMEGA's messages/ground_truth), ``dataset`` (a hub id read
+    with ``datasets``; ``dataset_config`` / ``dataset_split`` pick the subset), else the generator.
+    """
+
+    name: ClassVar[str] = "algebra"
+
+    proposer_prompt: str = ALGEBRA_PROPOSER_PROMPT
+    data_path: str | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str = "test"
+
+    def parse_question(self, text: str) -> Question | None:
+        question = parse_selected_question(text)
+        return None if question is None else Question(question)
+
+    def heldout_problems(self, n: int, seed: int) -> list[tuple[Question, str]]:
+        """(question, truth) pairs; truth is the exact answer string (generator: ``str(Fraction)``)."""
+        if self.data_path is None and self.dataset is None:
+            return [(Question(text), str(value)) for text, value in linear_equation_problems(n, seed)]
+        if self.data_path is not None:
+            records = load_records(self.data_path)
+        else:
+            records = load_hub_records(self.dataset, self.dataset_config, self.dataset_split)
+        return [(Question(_record_question(r)), _record_answer(r)) for r in sample(records, n, seed)]

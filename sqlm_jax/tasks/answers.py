@@ -1,0 +1,118 @@
+"""Answer extraction and normalisation for the math tasks (arithmetic, algebra).
+
+Pure functions, no state. Two modes:
+
+* Reference (default): the content of the last ``<answer>…</answer>`` on one line, stripped, kept
+  only if Python's ``int()`` accepts it. The *string* is returned and voted on, so "05" and "5"
+  are different votes (a Known trap of the reference, reproduced on purpose).
+* Normalised (``normalize=True``, an improvement behind a flag): the last tag may span lines and
+  may hold an integer, a decimal, a fraction ("3/4", "\\frac{3}{4}"), "x = 5", "1,234" or a
+  ``\\boxed{}``/``$…$`` wrapper; the result is the canonical string of the exact rational
+  (``str(Fraction)``: "3/4", "5", "-2"), so equal values vote together.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+# The reference uses re.finditer without DOTALL: a tag whose content spans a newline never matches.
+_ANSWER_ONE_LINE = re.compile(r"<answer>(.*?)</answer>")
+_ANSWER_MULTILINE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+_LATEX_FRAC = re.compile(r"([+-]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}")
+_ASSIGNMENT = re.compile(r"[A-Za-z_]\w*\s*=\s*(.+)")
+_BOXED = re.compile(r"\\boxed\{(.*)\}")
+_WRAPPERS = (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+
+
+def last_answer_tag(text: str, *, multiline: bool = False) -> str | None:
+    """Stripped content of the last ``<answer>…</answer>`` in ``text``, or None if there is none."""
+    pattern = _ANSWER_MULTILINE if multiline else _ANSWER_ONE_LINE
+    matches = pattern.findall(text)
+    return matches[-1].strip() if matches else None
+
+
+def reference_answer(text: str) -> str | None:
+    """The reference extractor: last one-line tag, kept as a string iff ``int()`` parses it."""
+    content = last_answer_tag(text)
+    if content is None:
+        return None
+    try:
+        int(content)
+    except ValueError:
+        return None
+    return content
+
+
+def _unwrap(s: str) -> str:
+    """Peel ``$…$``, ``\\(…\\)``, ``\\[…\\]``, ``\\boxed{…}`` and a trailing full stop, repeatedly."""
+    while True:
+        before = s
+        s = s.strip().rstrip(".").strip()
+        for left, right in _WRAPPERS:
+            if len(s) > len(left) + len(right) and s.startswith(left) and s.endswith(right):
+                s = s[len(left):-len(right)]
+        boxed = _BOXED.fullmatch(s)
+        if boxed:
+            s = boxed.group(1)
+        if s == before:
+            return s
+
+
+def _plain_number(s: str) -> Fraction | None:
+    s = s.strip()
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    return Fraction(s) if _DECIMAL.fullmatch(s) else None
+
+
+def to_fraction(s: str) -> Fraction | None:
+    """Exact value of a written number, or None if ``s`` is not one of the accepted forms.
+
+    Accepted: "42", "-2", "+3", "05", "5.0", ".5", "1,234", "3/4", "-3/4", "1.5/2", "\\frac{3}{4}",
+    "-\\dfrac{3}{4}", "x = 5", "$5$", "\\boxed{5}", "5." (the sentence's full stop). An equation
+    whose left side is not a bare variable ("2x = 10") is rejected: its right side is not the answer.
+    """
+    s = _unwrap(s.replace("\u2212", "-"))  # models often write the Unicode minus sign
+    assignment = _ASSIGNMENT.fullmatch(s)
+    if assignment:
+        s = _unwrap(assignment.group(1))
+    if "=" in s:
+        return None
+    frac = _LATEX_FRAC.fullmatch(s)
+    if frac:
+        sign, num, den = frac.groups()
+        s = f"{sign}{num}/{den}"
+    if s.count("/") == 1:
+        num, den = (_plain_number(part) for part in s.split("/"))
+        if num is None or den is None or den == 0:
+            return None
+        return num / den
+    return _plain_number(s)
+
+
+def normalized_answer(text: str) -> str | None:
+    """Canonical exact-rational string of the last ``<answer>`` tag (may span lines), or None."""
+    content = last_answer_tag(text, multiline=True)
+    value = None if content is None else to_fraction(content)
+    return None if value is None else str(value)
+
+
+def parse_math_answer(text: str, *, normalize: bool = False) -> str | None:
+    """The string a math solver response votes with: reference rules, or normalised if asked."""
+    return normalized_answer(text) if normalize else reference_answer(text)
+
+
+def same_value(answer: str | None, truth: object) -> bool:
+    """Evaluation match: the parsed answer and the ground truth denote the same exact number.
+
+    Compares values, not strings (the reference's evaluation does ``int(answer) == int(truth)``),
+    so "05" is correct for 5. A truth that is not a number in an accepted form matches nothing.
+    """
+    if answer is None:
+        return False
+    value, expected = to_fraction(answer), to_fraction(str(truth))
+    return value is not None and value == expected

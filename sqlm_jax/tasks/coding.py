@@ -1,0 +1,157 @@
+"""Coding: the proposer writes a problem plus test cases; solvers are rewarded by passing them.
+
+Held-out evaluation: Codeforces problems in the Eurus-2 RL data format (PRIME), from ``data_path``
+or a small shipped sample (``data/codeforces_sample.jsonl``), scored by the fraction of ground-truth
+tests passed in ``sqlm_jax.sandbox``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import ClassVar
+
+from sqlm_jax.tasks.base import Question, load_records, sample
+
+# Reference wording (verl fork, examples/data_preprocess/selfplay.py, prompt_version coding_v1).
+CODING_PROPOSER_PROMPT = (
+    "Generate an original programming problem similar in style and difficulty to LeetCode easy problems.\n\n"
+    "Requirements:\n"
+    "- The problem must take a single line of space-separated integers as input and produce either a "
+    "single integer or a space-separated list of integers as output.\n"
+    "- Provide 5 test cases in the exact format: INPUT_STRING ||| OUTPUT_STRING (no explanations, no "
+    "extra text, OUTPUT_STRING must include the trailing '\\n' if needed).\n\n"
+    "Example Output Format:\n"
+    "Problem Description:\n"
+    "You are given a list of integers. Write a program that reads the list and returns <expected output>.\n\n"
+    "Input:\n"
+    "A single line contains space-separated integers a_1, a_2, ..., a_n (\u22121000 <= a_i <= 1000).\n\n"
+    "Output:\n"
+    "Print a single integer \u2014 <expected output>.\n\n"
+    "Test Cases:\n"
+    "8 -3 7 0 2 ||| 14\n"
+    "-2 5 -4 3 ||| 2\n"
+    "10 -10 ||| 0\n"
+    "4 ||| 4\n"
+    "-5 -1 -4 ||| -10\n"
+)
+
+# Reference wording of the solver's user message suffix (ray_trainer.py extract_problem_description;
+# the same suffix ends every Eurus-2 coding prompt).
+CODING_SOLVER_INSTRUCTION = (
+    "Write Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
+)
+
+# The system message the reference gives the coding solver (Eurus-2's action-format prompt).
+CODING_SYSTEM_PROMPT = (
+    "\nWhen tackling complex reasoning tasks, you have access to the following actions. "
+    "Use them as needed to progress through your thought process.\n\n"
+    "[ASSESS]\n\n[ADVANCE]\n\n[VERIFY]\n\n[SIMPLIFY]\n\n[SYNTHESIZE]\n\n[PIVOT]\n\n[OUTPUT]\n\n"
+    "You should strictly follow the format below:\n\n"
+    "[ACTION NAME]\n\n"
+    "# Your action step 1\n\n"
+    "# Your action step 2\n\n"
+    "# Your action step 3\n\n...\n\n"
+    "Next action: [NEXT ACTION NAME]\n\n"
+)
+
+# Eurus-2 user messages are the problem followed by the solver instruction, which starts with this.
+_INSTRUCTION_START = "Write Python code to solve the problem."
+
+TESTS_MARKER = "Test Cases:"
+TEST_SEPARATOR = "|||"
+SAMPLE_FILE = "codeforces_sample.jsonl"
+
+
+def parse_proposal(text: str) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+    """(problem, tests) from a proposal, or None if it has no "Test Cases:", no problem or no test.
+
+    As in the reference: the problem is the text before the first "Test Cases:"; the tests are the
+    lines holding "|||" between the first and a second "Test Cases:", split at the first "|||" and
+    stripped on both sides. The reference keeps a proposal with zero parsable tests; here it is
+    invalid, since no solver could be rewarded on it.
+    """
+    parts = text.split(TESTS_MARKER)
+    if len(parts) < 2:
+        return None
+    problem = parts[0].strip()
+    tests = tuple(
+        (given.strip(), expected.strip())
+        for given, expected in (
+            line.split(TEST_SEPARATOR, 1) for line in parts[1].splitlines() if TEST_SEPARATOR in line
+        )
+    )
+    return (problem, tests) if problem and tests else None
+
+
+def extract_program(text: str) -> str | None:
+    """The last ```python block of a response, or None if there is none.
+
+    Like the reference's extractor (split on the last "```python", then on the next "```"), a block
+    cut off by the length limit runs to the end of the response.
+    """
+    if "```python" not in text:
+        return None
+    return text.rsplit("```python", 1)[1].split("```", 1)[0].strip("\n")
+
+
+def _problem_statement(record: dict) -> str:
+    """The bare problem of a Eurus-2 row: the user message without its code-format instruction."""
+    user = [m["content"] for m in record["prompt"] if m["role"] == "user"][-1]
+    return user.split(_INSTRUCTION_START, 1)[0].strip()
+
+
+def _record_tests(record: dict) -> tuple[tuple[str, str], ...]:
+    truth = record["reward_model"]["ground_truth"]
+    cases = json.loads(truth) if isinstance(truth, str) else truth
+    return tuple(zip(cases["inputs"], cases["outputs"], strict=True))
+
+
+@dataclass
+class CodingTask:
+    """Coding self-play; reward from unit tests.
+
+    ``solver_instruction`` is appended to the problem after a blank line. ``data_path`` is a local
+    Eurus-2 RL file (.jsonl/.json/.parquet); rows whose ``data_source`` does not contain
+    ``data_source`` (default "codeforces", the paper's benchmark; None keeps all) are left out.
+    """
+
+    name: ClassVar[str] = "coding"
+    reward: ClassVar[str] = "unit_tests"
+
+    proposer_prompt: str = CODING_PROPOSER_PROMPT
+    solver_instruction: str = CODING_SOLVER_INSTRUCTION
+    system_prompt: str | None = CODING_SYSTEM_PROMPT
+    normalize_answers: bool = False  # accepted for a uniform config; programs are not normalised
+    data_path: str | None = None
+    data_source: str | None = "codeforces"
+
+    def parse_question(self, text: str) -> Question | None:
+        parsed = parse_proposal(text)
+        return None if parsed is None else Question(*parsed)
+
+    def solver_prompt(self, question: Question) -> str:
+        return f"{question.text}\n\n{self.solver_instruction}"
+
+    def parse_answer(self, text: str) -> str | None:
+        return extract_program(text)
+
+    def heldout_problems(self, n: int, seed: int) -> list[tuple[Question, tuple[tuple[str, str], ...]]]:
+        """(question, ground-truth tests) pairs; the tests stay out of the Question the solver sees."""
+        if self.data_path is None:
+            records = load_records(str(resources.files("sqlm_jax.tasks") / "data" / SAMPLE_FILE))
+        else:
+            records = load_records(self.data_path)
+        if self.data_source is not None:  # rows without a data_source field are kept
+            records = [r for r in records if self.data_source in r.get("data_source", self.data_source)]
+        return [(Question(_problem_statement(r)), _record_tests(r)) for r in sample(records, n, seed)]
+
+    def score(self, response: str, truth: tuple[tuple[str, str], ...]) -> float:
+        """Fraction of the ground-truth tests the response's program passes (0.0 without a program)."""
+        program = self.parse_answer(response)
+        if program is None:
+            return 0.0
+        from sqlm_jax.sandbox import run_program  # lazy: the sandbox is optional for everything else
+
+        return float(run_program(program, truth).fraction)
