@@ -1,0 +1,16 @@
+"""OMEGA linear equations with Qwen2.5-3B-Instruct (paper: 0.440 -> 0.600), reference settings."""
+from sqlm_jax.defaults import base_config
+
+
+def get_config():
+    c = base_config()
+    c.task = "algebra"
+    c.workdir = "runs/algebra"
+    c.model.path = "Qwen/Qwen2.5-3B-Instruct"
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat = True
+    c.rollout.proposer_max_new_tokens = 3072
+    c.rollout.solver_max_new_tokens = 3072
+    c.eval.max_new_tokens = 3072
+    # OMEGA's linear-equation family: point data_path at a local copy, or set dataset to the hub id.
+    return c

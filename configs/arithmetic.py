@@ -1,0 +1,15 @@
+"""Three-digit multiplication with Qwen2.5-3B-Instruct (paper: 0.791 -> 0.948), reference settings."""
+from sqlm_jax.defaults import base_config
+
+
+def get_config():
+    c = base_config()
+    c.task = "arithmetic"
+    c.workdir = "runs/arithmetic"
+    c.model.path = "Qwen/Qwen2.5-3B-Instruct"
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat = True
+    c.rollout.proposer_max_new_tokens = 1024
+    c.rollout.solver_max_new_tokens = 1024
+    c.eval.max_new_tokens = 1024
+    return c

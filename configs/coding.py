@@ -1,0 +1,22 @@
+"""Codeforces-style coding with Qwen2.5-Coder-3B-Instruct (paper: 0.320 -> 0.391), reference settings.
+
+The reference trains with PPO and a critic (GAE, gamma = lambda = 1), no KL term.
+"""
+from sqlm_jax.defaults import base_config
+
+
+def get_config():
+    c = base_config()
+    c.task = "coding"
+    c.workdir = "runs/coding"
+    c.model.path = "Qwen/Qwen2.5-Coder-3B-Instruct"
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat = True
+    c.rollout.batch_size = 1024
+    c.rollout.proposer_max_new_tokens = 512
+    c.rollout.solver_max_new_tokens = 512
+    c.rl.mini_batch_size = 256
+    c.rl.advantage = "gae"
+    c.rl.use_kl = False
+    c.eval.max_new_tokens = 512
+    return c

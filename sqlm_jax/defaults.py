@@ -1,0 +1,95 @@
+"""The base experiment config: every knob a run has, with the SQLM reference values as defaults.
+
+Experiment files in configs/ start from `base_config()` and change what differs. Any field can be set
+from the command line: `--config.rl.kl_coef=0.01`.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "arithmetic"  # arithmetic | algebra | coding (sqlm_jax.tasks.get_task)
+    # Passed to get_task; None keeps the task's reference default.
+    c.task_options = ml_collections.ConfigDict({
+        "proposer_prompt": placeholder(str),
+        "solver_instruction": placeholder(str),
+        "normalize_answers": False,      # reference: integers compared as exact strings
+        "data_path": placeholder(str),  # local eval set file
+        "dataset": placeholder(str),    # hub dataset id (online)
+    })
+    c.workdir = "runs/default"  # logs, checkpoints, exports (local path or gs://)
+    c.seed = 0
+    c.resume = False  # continue from the latest checkpoint in workdir
+
+    c.model = ml_collections.ConfigDict({
+        "path": "Qwen/Qwen2.5-3B-Instruct",  # HF hub id or local folder
+        "param_dtype": "float32",
+        "compute_dtype": "float32",  # bfloat16 on TPU/GPU
+        "remat": False,              # recompute each layer in the backward pass (saves memory)
+    })
+    # Mesh axis sizes; -1 takes the devices left over. Batch splits over data×fsdp, weights over fsdp×tensor.
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+    c.rollout = ml_collections.ConfigDict({
+        "batch_size": 64,            # B: proposer prompt rows per step
+        "n": 4,                      # proposals per row, and answers per question
+        "max_prompt_len": 512,
+        "proposer_max_new_tokens": 1024,
+        "solver_max_new_tokens": 1024,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,                  # 0 = no top-k
+        "question_source": "online",  # online (the method) | pregenerated (ablation: one batch made at step 0)
+        "pregenerated_questions": 1024,
+    })
+    c.reward = ml_collections.ConfigDict({
+        "kind": "auto",              # auto (task's own: majority or unit_tests) | majority | format
+        "k_min": 2,                  # proposer band k_min <= k < n (reference: k > 1)
+        "invalid_proposals": "keep",  # keep (reference: in the proposer loss with reward 0) | mask
+        "code_timeout_s": 10.0,
+        "sandbox_workers": 0,        # 0 = one per core
+        "allow_unisolated_sandbox": False,
+    })
+    c.rl = ml_collections.ConfigDict({
+        "advantage": "grpo",         # grpo | gae (with a critic, the reference for coding)
+        "grpo_eps": 1e-6,
+        "clip_eps": 0.2,
+        "dual_clip_c": 3.0,
+        "entropy_coef": 0.0,
+        "use_kl": True,
+        "kl_coef": 0.001,
+        "kl_kind": "k3",             # k1 | k2 | k3 (verl's low_var_kl, clamped to ±10)
+        "ppo_epochs": 1,
+        "mini_batch_size": 32,       # prompt rows per optimizer update (× n sequences)
+        "micro_batch_size": 16,      # sequences per gradient-accumulation step (memory knob only)
+        "proposer_update_freq": 5,   # update on the proposer batch every this many steps (0 = never)
+        "gamma": 1.0,
+        "lam": 1.0,
+        "value_clip": 0.5,
+        "critic_lr": 1e-5,
+    })
+    c.optim = ml_collections.ConfigDict({
+        "lr": 1e-6,
+        "schedule": "constant",      # constant | cosine
+        "warmup_steps": 0,
+        "b1": 0.9,
+        "b2": 0.999,
+        "weight_decay": 0.01,
+        "grad_clip": 1.0,
+    })
+    c.train = ml_collections.ConfigDict({"steps": 100})
+    c.eval = ml_collections.ConfigDict({
+        "every": 20,                 # steps between greedy evaluations (0 = only at start and end)
+        "num_problems": 500,
+        "seed": 1234,
+        "max_new_tokens": 1024,
+        "batch_size": 64,
+        "sampled_n": 0,              # also report mean accuracy of this many samples at temperature 1
+    })
+    c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 3})
+    c.log = ml_collections.ConfigDict({"samples": 4})  # question/answer examples logged per step
+    c.export = True                  # write an HF folder of the final policy to workdir/export
+    return c
