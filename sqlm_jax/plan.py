@@ -1,0 +1,427 @@
+"""Per-device memory plan: will a config fit a mesh of a given accelerator, and if not, what to change.
+
+    python -m sqlm_jax.plan --config=configs/algebra.py --mesh=data=1,fsdp=4,tensor=2 --accelerator=v5e
+
+Weights are measured, not guessed: the parameter shapes and logical axes come from an abstract model
+(`nnx.eval_shape`, no weights allocated) and each tensor is divided exactly as `mesh.logical_spec`
+shards it. Activations are an estimate of what XLA keeps alive (see `_layer_activations`).
+
+A step has two phases that never hold their big buffers at the same time: sampling (the KV cache) and
+training (gradients, activations, logits). Weights and optimizer state live through both. So
+
+    total per device = resident + max(sampling peak, training peak).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh
+
+from sqlm_jax import mesh as mesh_lib
+from sqlm_jax.models.config import ModelConfig
+from sqlm_jax.sampling import bucket_length
+
+GiB = 2 ** 30
+# Kept free for XLA's scratch buffers, fragmentation and the runtime: a plan that uses the last few
+# percent of HBM on paper fails at compile time in practice.
+HEADROOM = 0.10
+# Memory per chip (per GPU). "cpu" is the host's RAM, shared by all of the host's devices.
+HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB,
+             "h100": 80 * GiB, "h200": 141 * GiB}
+# TPU accelerator-type prefix -> (family, TensorCores per chip): v4 and v5p type names count
+# TensorCores (v4-8 is 4 chips), v5e and v6e count chips (v5litepod-8 is 8 chips).
+_TPU_TYPES = {"v4": ("v4", 2), "v5litepod": ("v5e", 1), "v5e": ("v5e", 1), "v5p": ("v5p", 2),
+              "v6e": ("v6e", 1)}
+_BUNDLED_CONFIGS = Path(__file__).parent / "assets" / "model_configs"
+PHASES = ("resident", "sampling", "training")
+
+
+class MemoryPlanError(ValueError):
+    """The planned run does not fit the device memory; the message holds the table and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the plan: `bytes` on each device during `phase`."""
+
+    name: str
+    phase: str   # resident (whole run) | sampling | training
+    bytes: int
+    note: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Per-device memory of one config on one mesh."""
+
+    title: str
+    mesh_shape: dict[str, int]
+    rows: tuple[Row, ...]
+
+    def row(self, name: str) -> Row:
+        return next(r for r in self.rows if r.name == name)
+
+    def phase_bytes(self, phase: str) -> int:
+        return sum(r.bytes for r in self.rows if r.phase == phase)
+
+    @property
+    def total(self) -> int:
+        """Resident memory plus the larger of the two phases' peaks (they do not overlap)."""
+        return self.phase_bytes("resident") + max(self.phase_bytes("sampling"),
+                                                  self.phase_bytes("training"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model config without weights
+
+
+def load_model_config(config) -> ModelConfig:
+    """The ModelConfig of `config.model.path`, with the run's dtypes and remat, read offline if possible.
+
+    A local folder's config.json; for the reference hub ids the bundled copy of their public config.json
+    (assets/model_configs); any other hub id: its config.json alone from the hub (or the HF cache).
+    """
+    runtime = dict(param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
+                   remat=bool(config.model.remat))
+    path = str(config.model.path)
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        from sqlm_jax.models.hf import read_model_config
+        return read_model_config(folder, **runtime)
+    source = _BUNDLED_CONFIGS / (path.replace("/", "--") + ".json")
+    if not source.is_file():
+        from huggingface_hub import hf_hub_download
+        try:
+            source = Path(hf_hub_download(path, "config.json"))
+        except Exception as e:  # offline, unknown or gated repo: one message naming the way out
+            raise FileNotFoundError(
+                f"no config.json for {path!r}: not a local folder, not one of the bundled reference "
+                f"models ({', '.join(p.stem.replace('--', '/') for p in _BUNDLED_CONFIGS.glob('*.json'))}), "
+                f"and the hub could not be reached ({type(e).__name__}). Pass a local checkpoint folder."
+            ) from e
+    return ModelConfig.from_hf_dict(json.loads(source.read_text()), **runtime)
+
+
+def param_layout(model_cfg: ModelConfig) -> list[tuple[tuple[int, ...], tuple, np.dtype]]:
+    """(shape, logical axes, dtype) of every parameter, from an abstract model (nothing allocated)."""
+    from flax import nnx
+    from sqlm_jax.models.transformer import Transformer
+
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    variables = jax.tree.leaves(nnx.state(abstract, nnx.Param),
+                                is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return [(tuple(v.shape), v.get_metadata().get("axes") or (None,) * len(v.shape), np.dtype(v.dtype))
+            for v in variables]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharded sizes
+
+
+def abstract_mesh(mesh_shape: Mapping[str, int]) -> AbstractMesh:
+    """A device-free mesh of the given axis sizes (missing axes are 1), for planning any slice size."""
+    sizes = tuple(int(mesh_shape.get(a, 1)) for a in mesh_lib.AXES)
+    if any(s < 1 for s in sizes):
+        raise mesh_lib.MeshError(f"mesh {dict(mesh_shape)}: plan with explicit positive sizes "
+                                 "(resolve -1 with mesh.mesh_shape first)")
+    return AbstractMesh(sizes, mesh_lib.AXES)
+
+
+def shard_bytes(shape: Sequence[int], axes: Sequence[str | None], itemsize: int, mesh) -> int:
+    """Bytes one device holds of a `shape` tensor with logical `axes`, sharded as `logical_spec` does."""
+    spec = mesh_lib.logical_spec(axes, shape, mesh)
+    local = 1
+    for dim, target in zip(shape, tuple(spec) + (None,) * len(shape)):
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        local *= dim // math.prod(mesh.shape[t] for t in targets)
+    return local * itemsize
+
+
+def weights_bytes(layout, mesh) -> int:
+    """Per-device bytes of one copy of the parameters."""
+    return sum(shard_bytes(shape, axes, dtype.itemsize, mesh) for shape, axes, dtype in layout)
+
+
+def sampling_calls(config) -> dict[str, tuple[int, int, int]]:
+    """(prompts, rows, cache slots) of the two sampler calls of a step.
+
+    The proposer samples n completions of each of B prompts; the solver n answers to each of the B·n
+    questions. Cache slots = the bucketed prompt length + max_new_tokens.
+    """
+    b, n, r = config.rollout.batch_size, config.rollout.n, config.rollout
+    prompt = bucket_length(r.max_prompt_len)
+    return {"proposer": (b, b * n, prompt + r.proposer_max_new_tokens),
+            "solver": (b * n, b * n * n, prompt + r.solver_max_new_tokens)}
+
+
+def largest_sampling_call(config) -> str:
+    """The role whose sampler call has the larger KV cache (rows x slots): the sampling phase's peak."""
+    calls = sampling_calls(config)
+    return max(calls, key=lambda role: calls[role][1] * calls[role][2])
+
+
+def kv_cache_shape(config, model_cfg: ModelConfig) -> tuple[int, int, int, int]:
+    """`[rows, S, K, Dh]` of each layer's k (and v) buffer in the step's largest sampler call."""
+    _, rows, slots = sampling_calls(config)[largest_sampling_call(config)]
+    return rows, slots, model_cfg.num_kv_heads, model_cfg.head_dim
+
+
+_CACHE_AXES = ("batch", None, "kv_heads", "head_dim")  # as sampling.py constrains the cache
+
+
+def _kv_cache_bytes(rows: int, slots: int, model_cfg: ModelConfig, mesh) -> int:
+    shape = (rows, slots, model_cfg.num_kv_heads, model_cfg.head_dim)
+    itemsize = np.dtype(model_cfg.compute_dtype).itemsize
+    return 2 * model_cfg.num_layers * shard_bytes(shape, _CACHE_AXES, itemsize, mesh)
+
+
+def _layer_activations(cfg: ModelConfig, mb: int, seq: int, mesh) -> int:
+    """Per-device bytes one decoder layer keeps for its backward pass over `[mb, seq]` tokens.
+
+    Counted from transformer.py: the layer input, both RMSNorms (float32 statistics), the fused qkv, the
+    roped q and k, the attention scores and probabilities (float32 `[K, G, T, S]`, the quadratic term:
+    no flash attention) and their compute-dtype copy, the attention output, the o projection, the fused
+    gate/up, the SwiGLU product and the down projection.
+    """
+    b = np.dtype(cfg.compute_dtype).itemsize
+    d, f, k, g, dh = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    per_token = [  # (trailing shape, trailing logical axes, itemsize, copies)
+        ((d,), ("embed",), b, 6),                               # input, 2 norm outputs, o-proj, residual, down
+        ((d,), ("embed",), 4, 2),                               # float32 norm statistics
+        ((k, g + 2, dh), ("kv_heads", None, "head_dim"), b, 1),  # fused qkv
+        ((k, g + 1, dh), ("kv_heads", None, "head_dim"), b, 1),  # roped q and k
+        ((k, g, seq), ("kv_heads", None, None), 4, 2),           # scores and probs, float32
+        ((k, g, seq), ("kv_heads", None, None), b, 1),           # probs in the compute dtype
+        ((k * g, dh), ("heads", "head_dim"), b, 1),              # attention output
+        ((2, f), (None, "mlp"), b, 1),                           # fused gate/up
+        ((f,), ("mlp",), b, 2),                                  # silu(gate), silu(gate) * up
+    ]
+    return sum(copies * shard_bytes((mb, seq) + shape, ("batch", None) + axes, size, mesh)
+               for shape, axes, size, copies in per_token)
+
+
+def _training_rows(config, cfg: ModelConfig, mesh, weights: int) -> list[Row]:
+    mb = config.rl.micro_batch_size
+    prompt = bucket_length(config.rollout.max_prompt_len)
+    response = max(config.rollout.proposer_max_new_tokens, config.rollout.solver_max_new_tokens)
+    seq = prompt + response
+    layer = _layer_activations(cfg, mb, seq, mesh)
+    if cfg.remat:  # each layer keeps only its input; one layer is recomputed, with its cotangents
+        layer_input = shard_bytes((mb, seq, cfg.hidden_size), ("batch", None, "embed"),
+                                  np.dtype(cfg.compute_dtype).itemsize, mesh)
+        activations, how = cfg.num_layers * layer_input + 2 * layer, "remat: layer inputs + 1 layer x2"
+    else:  # every layer keeps all of its intermediates, plus one layer's cotangents in flight
+        activations, how = (cfg.num_layers + 1) * layer, f"no remat: {cfg.num_layers + 1} layers"
+    # Logits [mb, R, V] float32, their softmax (the entropy metric) and their cotangent.
+    logits = 3 * shard_bytes((mb, response, cfg.vocab_size), ("batch", None, "vocab"), 4, mesh)
+    return [
+        Row("gradients", "training", 2 * weights, "accumulator + one micro-batch's (param dtype)"),
+        Row("activations", "training", activations,
+            f"micro-batch {mb} x {seq} tokens, {how} (estimate)"),
+        Row("logits", "training", logits, f"[{mb}, {response}, {cfg.vocab_size}] float32 x3"),
+    ]
+
+
+def _sampling_rows(config, cfg: ModelConfig, mesh) -> list[Row]:
+    role = largest_sampling_call(config)
+    prompts, rows, slots = sampling_calls(config)[role]
+    prompt = bucket_length(config.rollout.max_prompt_len)
+    # Besides the cache: the prefill's cache of the prompts before it is repeated n times, one layer's
+    # float32 prefill scores and probabilities, and the decode step's float32 logits.
+    scores = 2 * shard_bytes((prompts, cfg.num_kv_heads, cfg.group_size, prompt, prompt),
+                             ("batch", "kv_heads", None, None, None), 4, mesh)
+    logits = 2 * shard_bytes((rows, cfg.vocab_size), ("batch", "vocab"), 4, mesh)
+    transients = _kv_cache_bytes(prompts, slots, cfg, mesh) + scores + logits
+    return [
+        Row("KV cache", "sampling", _kv_cache_bytes(rows, slots, cfg, mesh),
+            f"{role}: {rows} rows x {slots} slots x {cfg.num_layers} layers x k,v ({cfg.compute_dtype})"),
+        Row("sampling transients", "sampling", transients,
+            f"prefill cache of {prompts} prompts before the x{config.rollout.n} repeat, scores, logits"),
+    ]
+
+
+def memory_plan(config, model_cfg: ModelConfig, mesh_shape: Mapping[str, int]) -> Plan:
+    """The per-device memory of `config` with `model_cfg` on a mesh of `mesh_shape` ({data, fsdp, tensor})."""
+    mesh = abstract_mesh(mesh_shape)
+    layout = param_layout(model_cfg)
+    weights = weights_bytes(layout, mesh)
+    dtype = model_cfg.param_dtype
+    rows = [Row("parameters", "resident", weights,
+                f"{model_cfg.num_params() / 1e9:.2f}B {dtype}, sharded by the logical-axis rules"),
+            Row("optimizer state", "resident", 2 * weights, f"AdamW mu + nu ({dtype}, as the params)")]
+    if config.rl.use_kl:
+        rows.append(Row("reference weights", "resident", weights, "frozen initial policy for the KL term"))
+    if config.rl.advantage == "gae":
+        rows.append(Row("critic", "resident", 3 * weights, "value model weights + AdamW mu, nu"))
+    rows += _sampling_rows(config, model_cfg, mesh) + _training_rows(config, model_cfg, mesh, weights)
+    sizes = {a: int(mesh_shape.get(a, 1)) for a in mesh_lib.AXES}
+    title = (f"{config.model.path} ({model_cfg.num_params() / 1e9:.2f}B params, {dtype} weights, "
+             f"{model_cfg.compute_dtype} compute, remat={model_cfg.remat}) on mesh "
+             + " ".join(f"{a}={s}" for a, s in sizes.items()) + f" ({math.prod(sizes.values())} devices)")
+    return Plan(title=title, mesh_shape=sizes, rows=tuple(rows))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:8.2f}"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a table of GiB per device, phase subtotals and the total."""
+    lines = [f"Memory per device: {plan.title}",
+             f"{'phase':<10}{'what':<22}{'GiB':>8}  note"]
+    lines += [f"{r.phase:<10}{r.name:<22}{_gib(r.bytes)}  {r.note}" for r in plan.rows]
+    lines.append("-" * 72)
+    lines += [f"{p:<10}{'subtotal':<22}{_gib(plan.phase_bytes(p))}" for p in PHASES]
+    lines.append(f"{'total':<32}{_gib(plan.total)}  resident + max(sampling, training)")
+    return "\n".join(lines)
+
+
+def usable_bytes(device_bytes: int) -> int:
+    return int(device_bytes * (1 - HEADROOM))
+
+
+def fit_line(plan: Plan, device_bytes: int, name: str = "device") -> str:
+    """One sentence: does the plan fit `device_bytes` per device, with what to spare or what missing."""
+    usable = usable_bytes(device_bytes)
+    head = (f"{name}: {device_bytes / GiB:.1f} GiB per device, {usable / GiB:.1f} GiB usable "
+            f"({HEADROOM:.0%} headroom)")
+    if plan.total <= usable:
+        return f"{head}: fits, {(usable - plan.total) / GiB:.2f} GiB to spare"
+    return f"{head}: does NOT fit, {(plan.total - usable) / GiB:.2f} GiB short"
+
+
+def advice(plan: Plan, config) -> str:
+    """What to change, the knob for the largest rows first."""
+    knobs = {
+        "parameters": "shard the weights over more devices (a larger mesh.fsdp: fewer on data, or a larger slice)",
+        "activations": ("a smaller --config.rl.micro_batch_size" if config.model.remat
+                        else "--config.model.remat=True, or a smaller --config.rl.micro_batch_size"),
+        "logits": "a smaller --config.rl.micro_batch_size",
+        "KV cache": ("a smaller rollout batch (--config.rollout.batch_size or rollout.n) or shorter "
+                     "responses, or more devices on the batch axes (data, fsdp)"),
+    }
+    # Rows that one knob shrinks count together when ranking that knob.
+    groups = {"parameters": ("parameters", "optimizer state", "reference weights", "critic", "gradients"),
+              "activations": ("activations",), "logits": ("logits",),
+              "KV cache": ("KV cache", "sampling transients")}
+    size = {k: sum(r.bytes for r in plan.rows if r.name in names) for k, names in groups.items()}
+    ranked = sorted(knobs, key=size.get, reverse=True)
+    return "To fit, try (largest first): " + "; ".join(dict.fromkeys(knobs[k] for k in ranked)) + "."
+
+
+def check_fits(config, model_cfg: ModelConfig, mesh_shape: Mapping[str, int], device_bytes: int) -> None:
+    """Raises MemoryPlanError (the table, the verdict and what to change) unless the run fits."""
+    plan = memory_plan(config, model_cfg, mesh_shape)
+    if plan.total > usable_bytes(device_bytes):
+        raise MemoryPlanError("\n".join([format_plan(plan), fit_line(plan, device_bytes),
+                                         advice(plan, config)]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Devices
+
+
+def host_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_accelerator(name: str) -> tuple[str, int | None]:
+    """`v5e`, `h100`, `cpu` -> (family, None); a TPU type `v4-8`, `v5litepod-8`, `v5p-32` -> (family, chips)."""
+    key = name.strip().lower()
+    if key in HBM_BYTES or key == "cpu":
+        return key, None
+    prefix, _, count = key.rpartition("-")
+    if prefix in _TPU_TYPES and count.isdigit():
+        family, cores_per_chip = _TPU_TYPES[prefix]
+        return family, max(1, int(count) // cores_per_chip)
+    raise ValueError(f"unknown accelerator {name!r}: use one of {', '.join([*HBM_BYTES, 'cpu'])} "
+                     "or a TPU type such as v4-8, v5litepod-8, v5p-32, v6e-8")
+
+
+def accelerator_bytes(family: str, num_devices: int) -> int:
+    """Memory per device of `family`; on "cpu" the host RAM is shared by the mesh's devices."""
+    return host_ram_bytes() // num_devices if family == "cpu" else HBM_BYTES[family]
+
+
+def local_device_bytes(device: jax.Device | None = None) -> int:
+    """Memory of one device of this process: the runtime's limit where it reports one, else the table."""
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        return host_ram_bytes() // jax.local_device_count()
+    kind = device.device_kind.lower()  # e.g. "TPU v5 lite", "TPU v4", "NVIDIA H100 80GB HBM3"
+    for family, pattern in (("v5e", "v5 lite"), ("v6e", "v6"), ("v5p", "v5"), ("v4", "v4"),
+                            ("h100", "h100"), ("h200", "h200")):
+        if pattern in kind:
+            return HBM_BYTES[family]
+    raise ValueError(f"unknown device kind {device.device_kind!r}: pass the memory per device yourself")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`data=1,fsdp=4,tensor=2` -> {"data": 1, "fsdp": 4, "tensor": 2} (-1: the devices left over)."""
+    try:
+        return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(",") if part)}
+    except ValueError:
+        raise mesh_lib.MeshError(f"--mesh={text!r}: write it as data=1,fsdp=4,tensor=2") from None
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+    del argv
+    config = flags.FLAGS.config
+    if config is None:
+        sys.exit("error: pass --config=configs/<experiment>.py")
+    try:
+        sizes = parse_mesh(flags.FLAGS.mesh) if flags.FLAGS.mesh else dict(config.mesh)
+        family, chips = (parse_accelerator(flags.FLAGS.accelerator) if flags.FLAGS.accelerator
+                         else (None, None))
+        count = chips or flags.FLAGS.num_devices
+        if count is None:  # only -1 needs a device count; use this host's devices
+            count = math.prod(sizes.values()) if -1 not in sizes.values() else jax.device_count()
+        mesh_shape = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(sizes, count)))
+        plan = memory_plan(config, load_model_config(config), mesh_shape)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(format_plan(plan))
+    if family is not None:
+        budget = accelerator_bytes(family, math.prod(mesh_shape.values()))
+        print(fit_line(plan, budget, family))
+        if plan.total > usable_bytes(budget):
+            print(advice(plan, config))
+            sys.exit(1)
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)")
+    flags.DEFINE_string("mesh", None, "mesh sizes, e.g. data=1,fsdp=4,tensor=2 (default: the config's)")
+    flags.DEFINE_string("accelerator", None,
+                        "v4 | v5e | v5p | v6e | h100 | h200 | cpu, or a TPU type such as v5p-32 "
+                        "(its chip count then resolves a -1 mesh axis)")
+    flags.DEFINE_integer("num_devices", None, "devices in the mesh, to resolve a -1 axis")
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main)
