@@ -265,7 +265,7 @@ def memory_plan(config, model_cfg: ModelConfig, mesh_shape: Mapping[str, int]) -
     sizes = {a: int(mesh_shape.get(a, 1)) for a in mesh_lib.AXES}
     title = (f"{config.model.path} ({model_cfg.num_params() / 1e9:.2f}B params, {dtype} weights, "
              f"{model_cfg.compute_dtype} compute, remat={model_cfg.remat}) on mesh "
-             + " ".join(f"{a}={s}" for a, s in sizes.items()) + f" ({math.prod(sizes.values())} devices)")
+             + " ".join(f"{a}={s}" for a, s in sizes.items()) + f" ({math.prod(sizes.values())} device(s))")
     return Plan(title=title, mesh_shape=sizes, rows=tuple(rows))
 
 
