@@ -4,7 +4,10 @@
 
 Weights are measured, not guessed: the parameter shapes and logical axes come from an abstract model
 (`nnx.eval_shape`, no weights allocated) and each tensor is divided exactly as `mesh.logical_spec`
-shards it. Activations are an estimate of what XLA keeps alive (see `_layer_activations`).
+shards it. Activations are an estimate of what XLA keeps alive (see `_layer_activations`):
+without remat it came within 8% of XLA's compiled temporary memory for a 6-layer model on CPU; the
+remat figure is the textbook one (layer inputs + one layer), since XLA on CPU does not show remat's
+saving at all.
 
 A step has two phases that never hold their big buffers at the same time: sampling (the KV cache) and
 training (gradients, activations, logits). Weights and optimizer state live through both. So

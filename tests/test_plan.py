@@ -127,6 +127,10 @@ def test_accelerator_names():
         plan.parse_accelerator("v9-8")
 
 
+def test_cpu_devices_share_the_host_ram():
+    assert plan.local_device_bytes() == plan.host_ram_bytes() // jax.local_device_count()
+
+
 def test_cli_prints_the_table_offline():
     run = subprocess.run(
         [sys.executable, "-m", "sqlm_jax.plan", "--config=configs/algebra.py", "--accelerator=v5p-32"],
