@@ -306,7 +306,11 @@ def fit_line(plan: Plan, device_bytes: int, name: str = "device") -> str:
 
 
 def advice(plan: Plan, config) -> str:
-    """What to change, the knob for the largest rows first."""
+    """What to change, the knob for the largest rows first.
+
+    bfloat16 weights are deliberately not offered: at the reference learning rate (1e-6) most AdamW
+    updates are below bfloat16's resolution and would round away.
+    """
     knobs = {
         "parameters": "shard the weights over more devices (a larger mesh.fsdp: fewer on data, or a larger slice)",
         "activations": ("a smaller --config.rl.micro_batch_size" if config.model.remat
