@@ -1,0 +1,66 @@
+"""Checks a run config before anything is loaded, so a bad value fails in one line that names the fix."""
+from __future__ import annotations
+
+import math
+
+from sqlm_jax.tasks import TASKS
+
+_CHOICES = {
+    "reward.kind": ("auto", "majority", "format", "unit_tests"),
+    "reward.invalid_proposals": ("keep", "mask"),
+    "rollout.question_source": ("online", "pregenerated"),
+    "rl.advantage": ("grpo", "gae"),
+    "rl.kl_kind": ("k1", "k2", "k3"),
+    "optim.schedule": ("constant", "cosine"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which field and what to set."""
+
+
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def validate(config, num_batch_devices: int | None = None) -> None:
+    """Raises ConfigError for the first problem found. `num_batch_devices` = data × fsdp, when known."""
+    if config.task not in TASKS:
+        raise ConfigError(f"task={config.task!r} is not a task; choose one of {sorted(TASKS)}")
+    for field, choices in _CHOICES.items():
+        if _get(config, field) not in choices:
+            raise ConfigError(f"{field}={_get(config, field)!r}; choose one of {list(choices)}")
+    r, rl = config.rollout, config.rl
+    if config.reward.kind == "unit_tests" and config.task != "coding" or \
+            config.reward.kind == "majority" and config.task == "coding":
+        raise ConfigError(f"reward.kind={config.reward.kind!r} does not suit task {config.task!r}; "
+                          "use reward.kind='auto' for the task's own reward")
+    if r.n < 2:
+        raise ConfigError(f"rollout.n={r.n}: groups of one give no advantage signal; use n >= 2 (paper: 4)")
+    for field in ("rollout.batch_size", "rollout.max_prompt_len", "rollout.proposer_max_new_tokens",
+                  "rollout.solver_max_new_tokens", "rl.mini_batch_size", "rl.micro_batch_size",
+                  "rl.ppo_epochs", "train.steps", "checkpoint.every", "checkpoint.keep",
+                  "eval.max_new_tokens", "eval.batch_size"):
+        if _get(config, field) < 1:
+            raise ConfigError(f"{field}={_get(config, field)} must be at least 1")
+    if not 0 < r.top_p <= 1 or r.temperature < 0 or r.top_k < 0:
+        raise ConfigError("rollout sampling: need 0 < top_p <= 1, temperature >= 0, top_k >= 0")
+    if r.batch_size % rl.mini_batch_size:
+        raise ConfigError(f"rl.mini_batch_size={rl.mini_batch_size} must divide rollout.batch_size="
+                          f"{r.batch_size} (mini-batches are groups of prompt rows)")
+    mini_sequences = rl.mini_batch_size * r.n
+    if mini_sequences % rl.micro_batch_size:
+        raise ConfigError(f"rl.micro_batch_size={rl.micro_batch_size} must divide the "
+                          f"{mini_sequences} sequences of a mini-batch (rl.mini_batch_size × rollout.n)")
+    if num_batch_devices and rl.micro_batch_size % num_batch_devices:
+        raise ConfigError(f"rl.micro_batch_size={rl.micro_batch_size} must be a multiple of the "
+                          f"{num_batch_devices} devices the batch is split over (mesh data × fsdp)")
+    if rl.proposer_update_freq < 0 or config.eval.every < 0:
+        raise ConfigError("rl.proposer_update_freq and eval.every must be >= 0 (0 = never / only at the ends)")
+    if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={config.optim.lr} must be a positive number")

@@ -1,0 +1,49 @@
+"""`python -m sqlm_jax.main --config=configs/algebra.py [--config.rl.kl_coef=0.01 ...]`"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
+                                          lock_config=True)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an unknown config key reported in one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown key>=...
+        hint = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+        sys.exit(f"error: unknown config key: {hint}")
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from sqlm_jax.config_check import ConfigError, validate
+    from sqlm_jax.mesh import MeshError
+    from sqlm_jax.models import CheckpointError, UnsupportedModelError
+
+    config = _CONFIG.value
+    if config is None:
+        sys.exit("error: pass --config=configs/<experiment>.py (e.g. configs/tiny.py)")
+    user_errors = (ConfigError, MeshError, CheckpointError, UnsupportedModelError, FileNotFoundError,
+                   FileExistsError)
+    try:
+        validate(config)
+        from sqlm_jax.train import Trainer
+        summary = Trainer(config).run()
+    except user_errors as e:
+        sys.exit(f"error: {e}")
+    if "final_accuracy" in summary:
+        print(f"held-out greedy accuracy: {summary['base_accuracy']:.3f} -> {summary['final_accuracy']:.3f}")
+        print(f"exported model: {summary['export_dir']}   summary: {config.workdir}/summary.json")
+    else:
+        print(f"stopped at step {summary['stopped_at']}; resume with --config.resume=True")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
