@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
@@ -23,15 +23,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # JAX's backend probing logs at INFO; keep the console for the run
     from sqlm_jax.config_check import ConfigError, validate
     from sqlm_jax.mesh import MeshError
     from sqlm_jax.models import CheckpointError, UnsupportedModelError
+    from sqlm_jax.plan import MemoryPlanError
 
     config = _CONFIG.value
     if config is None:
         sys.exit("error: pass --config=configs/<experiment>.py (e.g. configs/tiny.py)")
-    user_errors = (ConfigError, MeshError, CheckpointError, UnsupportedModelError, FileNotFoundError,
-                   FileExistsError)
+    user_errors = (ConfigError, MeshError, CheckpointError, UnsupportedModelError, MemoryPlanError,
+                   FileNotFoundError, FileExistsError)
     try:
         validate(config)
         from sqlm_jax.train import Trainer

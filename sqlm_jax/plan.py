@@ -30,6 +30,7 @@ from jax.sharding import AbstractMesh
 
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax.models.config import ModelConfig
+from sqlm_jax.models.hf import is_local_path, read_model_config, resolve_checkpoint
 from sqlm_jax.sampling import bucket_length
 
 GiB = 2 ** 30
@@ -95,10 +96,8 @@ def load_model_config(config) -> ModelConfig:
     runtime = dict(param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
                    remat=bool(config.model.remat))
     path = str(config.model.path)
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        from sqlm_jax.models.hf import read_model_config
-        return read_model_config(folder, **runtime)
+    if is_local_path(path):
+        return read_model_config(resolve_checkpoint(path), **runtime)
     source = _BUNDLED_CONFIGS / (path.replace("/", "--") + ".json")
     if not source.is_file():
         from huggingface_hub import hf_hub_download

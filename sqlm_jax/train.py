@@ -28,9 +28,11 @@ from flax import nnx
 from tqdm import tqdm
 
 from sqlm_jax import mesh as mesh_lib
+from sqlm_jax import plan
 from sqlm_jax import rewards as rewards_lib
 from sqlm_jax import rl
 from sqlm_jax.checkpoints import Checkpointer
+from sqlm_jax.config_check import validate
 from sqlm_jax.evaluate import evaluate
 from sqlm_jax.models import load_pretrained, save_pretrained
 from sqlm_jax.run_log import RunLog
@@ -85,6 +87,9 @@ class Trainer:
         self.task = get_task(c.task, **{k: v for k, v in c.task_options.items() if v is not None})
         self.reward_kind = self.task.reward if c.reward.kind == "auto" else c.reward.kind
         self.mesh = mesh_lib.make_mesh(dict(c.mesh))
+        validate(c, num_batch_devices=self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        # Refuse up front, with the per-device table, a run that cannot fit (before any weight loads).
+        plan.check_fits(c, plan.load_model_config(c), dict(self.mesh.shape), plan.local_device_bytes())
         model, self.model_config = load_pretrained(
             c.model.path, mesh=self.mesh, dtype=c.model.param_dtype,
             compute_dtype=c.model.compute_dtype, remat=c.model.remat)

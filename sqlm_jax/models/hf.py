@@ -92,14 +92,18 @@ def _rules(cfg: ModelConfig) -> list[_Rule]:
     return rules
 
 
+def is_local_path(name: str) -> bool:
+    """Whether `name` means a folder on this machine rather than a hub id ('org/model')."""
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).expanduser().exists()
+
+
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
     """A local folder as is; anything else is taken as a hub id and downloaded (cached) by huggingface_hub."""
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
     name = str(path_or_hub_id)
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") != 1 or path.exists()
-    if looks_local:
+    if is_local_path(name):
         raise FileNotFoundError(
             f"no checkpoint folder at {name!r}: pass a folder holding config.json and "
             "*.safetensors, or a Hugging Face hub id such as 'Qwen/Qwen2.5-3B-Instruct'")
