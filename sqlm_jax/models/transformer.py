@@ -26,7 +26,12 @@ from sqlm_jax.models.config import ModelConfig
 
 
 class LayerCache(NamedTuple):
-    """One layer's keys and values, `[B, S, K, Dh]` each."""
+    """One layer's keys `k[B, K, Dh, S]` (transposed) and values `v[B, K, S, Dh]`.
+
+    In these layouts both attention products are plain batched matmuls over (B, K) that read the cache
+    in place. With `[B, S, K, Dh]` for both, XLA on CPU transposed the whole cache every decode step
+    (bench/sampling.py: decoding 4-8x slower in attention at batch 256).
+    """
 
     k: jax.Array
     v: jax.Array
@@ -98,6 +103,7 @@ class Attention(nnx.Module):
 
         Without a cache the keys are the T inputs themselves (S = T). With one, the T new keys and
         values are written at `write_index` and the queries attend over all S cache slots.
+        Keys and values take the cache's layouts (see LayerCache) in both cases.
         """
         dt = x.dtype
         qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
@@ -109,24 +115,25 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
-        t = x.shape[1]
+        b, t = x.shape[:2]
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, Dh, T], [B, K, T, Dh]
         if cache is None:
             query_slot = jnp.arange(t)
         else:
-            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), write_index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), write_index, 1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), write_index, 3)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), write_index, 2)
             cache = LayerCache(k, v)
             query_slot = write_index + jnp.arange(t)
-        key_slot = jnp.arange(k.shape[1])
+        key_slot = jnp.arange(v.shape[2])
         mask = kv_mask[:, None, :] & (key_slot[None, None, :] <= query_slot[None, :, None])  # [B,T,S]
 
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(dt)).astype(jnp.float32)
+        scores = jnp.einsum("btkgh,bkhs->bkgts", q, k.astype(dt)).astype(jnp.float32)
         scores = scores / math.sqrt(q.shape[-1])
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dt))
-        out = out.reshape(out.shape[:2] + (-1, out.shape[-1]))  # [B, T, H, Dh]
-        return jnp.einsum("bthd,hde->bte", out, self.o[...].astype(dt)), cache
+        out = jnp.einsum("bkgts,bksh->btkgh", probs, v.astype(dt)).reshape(b, t, -1)  # [B, T, H·Dh]
+        # One [H·Dh, D] matmul: contracting (H, Dh) as two dims made XLA copy the weight every step.
+        return out @ self.o[...].astype(dt).reshape(out.shape[-1], -1), cache
 
 
 class MLP(nnx.Module):
@@ -206,15 +213,16 @@ class Transformer(nnx.Module):
         return out.astype(jnp.float32)
 
     def init_cache(self, batch: int, length: int) -> list[LayerCache]:
-        """An empty KV cache: one `[B, S, K, Dh]` buffer pair per layer.
+        """An empty KV cache of S = `length` slots: per layer, keys `[B, K, Dh, S]`, values `[B, K, S, Dh]`.
 
         One buffer per layer, not one stacked `[L, ...]` array: updating a slice of a stacked cache made
         XLA copy the whole cache every layer and step.
         """
         cfg = self.config
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-        zeros = lambda: jnp.zeros(shape, cfg.compute_dtype)
-        return [LayerCache(zeros(), zeros()) for _ in range(cfg.num_layers)]
+        k, dh = cfg.num_kv_heads, cfg.head_dim
+        zeros = lambda *shape: jnp.zeros(shape, cfg.compute_dtype)
+        return [LayerCache(zeros(batch, k, dh, length), zeros(batch, k, length, dh))
+                for _ in range(cfg.num_layers)]
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:

@@ -1,0 +1,300 @@
+"""Sampling: prefill a batch of left-padded prompts once, then decode with a KV cache in jitted loops.
+
+    prompts ──left pad to a bucketed length P──▶ prompt tokens [B, P]
+      ──prefill (jit)──▶ KV cache [B, P+N] and first-token logits, each repeated n times
+      ──▶ DecodeState over R = B·n rows ──decode segments (jit, state donated)──▶ tokens, log-probs [R, N]
+
+Samples of prompt i are rows i·n … i·n+n-1. Decoding stops early once every row has emitted a stop id.
+
+Speed (bench/sampling.py, docs/benchmarks.md): decoding runs in a few segments, each one
+`jax.lax.while_loop` over the steps of the segment; a segment's queries attend over only the cache slots
+that can be filled by its last step (a static bound), so early steps do not read the empty tail of the
+cache. Prompt lengths are bucketed (`bucket_length`) so a training run compiles a handful of shapes.
+
+The log-prob reported for a token is log softmax of the model's raw logits (temperature 1, no top-k /
+top-p) at that token: what PPO's old-policy ratio needs, whatever distribution the token was drawn from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from sqlm_jax import mesh as mesh_lib
+from sqlm_jax.models.transformer import LayerCache, Transformer, positions_from_mask
+
+# Decoding is split into at most MAX_SEGMENTS segments of at least MIN_SEGMENT steps. Each segment is one
+# more copy of the decode step for XLA to compile (~0.8 s on a 2-core CPU for the bench model), and
+# saves reading the part of the cache its steps cannot reach yet; see docs/benchmarks.md.
+MAX_SEGMENTS = 4
+MIN_SEGMENT = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """The static knobs of one compiled sampler. temperature 0 means greedy (argmax)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0          # 0: off
+    top_p: float = 1.0      # 1: off
+    n: int = 1
+    stop_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            problems.append(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
+        if self.n < 1:
+            problems.append(f"n={self.n} must be at least 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Responses of R = B·n rows (rows i·n … i·n+n-1 answer prompt i), N = max_new_tokens."""
+
+    tokens: jax.Array         # [R, N] int32; pad_id after the stop token
+    logprobs: jax.Array       # [R, N] float32; log p(token) at temperature 1, 0 where masked
+    mask: jax.Array           # [R, N] bool; response tokens, the stop token included
+    token_lists: list[list[int]]  # each response up to and including its stop id
+    prompt_tokens: jax.Array  # [R, P] int32, left padded with pad_id
+    prompt_mask: jax.Array    # [R, P] bool
+
+
+class DecodeState(NamedTuple):
+    """What the decode loop carries, over R rows; S = P + N cache slots."""
+
+    step: jax.Array          # [] int32: tokens generated so far
+    tokens: jax.Array        # [R, N] int32, pad_id where not (yet) generated
+    logprobs: jax.Array      # [R, N] float32
+    done: jax.Array          # [R] bool: the row has emitted a stop id
+    positions: jax.Array     # [R] int32: RoPE position of the last generated token
+    kv_mask: jax.Array       # [R, P + N] bool: real prompt slots and all response slots
+    cache: list[LayerCache]  # per layer, keys [R, K, Dh, S] and values [R, K, S, Dh], S <= P + N
+    key: jax.Array           # PRNG key; step t draws with fold_in(key, t)
+
+
+def bucket_length(length: int) -> int:
+    """The padded prompt length: the next of 16, 32, …, 512, then the next multiple of 512.
+
+    Powers of two keep short prompts to a few compiled shapes; past 512, doubling would waste too much
+    prefill work, so lengths grow in steps of 512.
+    """
+    if length <= 512:
+        return max(16, 1 << (length - 1).bit_length())
+    return -(-length // 512) * 512
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as `tokens[B, length]` int32 and `mask[B, length]` bool, padded on the left."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            tokens[row, -len(prompt):] = prompt
+            mask[row, -len(prompt):] = True
+    return tokens, mask
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """`logits[..., V]` with all but the k largest set to -inf (ties with the k-th largest are kept)."""
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """`logits[..., V]` keeping the smallest set of most likely tokens whose probability reaches p.
+
+    A token is kept when the tokens strictly more likely than it hold less than p of the mass, so the
+    most likely token always survives.
+    """
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # The least likely kept token's logit is the threshold: everything at least as likely stays.
+    threshold = jnp.min(jnp.where(mass_before < p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
+    """One token per row from `logits[R, V]`: argmax at temperature 0, else temperature, top-k, top-p."""
+    if params.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / params.temperature
+    if params.top_k:
+        logits = top_k_filter(logits, params.top_k)
+    if params.top_p < 1:
+        logits = top_p_filter(logits, params.top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _emit(state: DecodeState, logits: jax.Array, params: SamplingParams) -> DecodeState:
+    """Samples token `state.step` of every row from `logits[R, V]` and records it."""
+    token = sample_tokens(logits, jax.random.fold_in(state.key, state.step), params)
+    logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, -1)
+    # Rows already finished keep emitting pad with log-prob 0; their forward passes are wasted work
+    # that a static batch shape cannot avoid.
+    token = jnp.where(state.done, params.pad_id, token)
+    logprob = jnp.where(state.done, 0.0, logprob)
+    is_stop = jnp.isin(token, jnp.asarray(params.stop_ids, jnp.int32)) if params.stop_ids else False
+    return state._replace(
+        step=state.step + 1,
+        tokens=jax.lax.dynamic_update_index_in_dim(state.tokens, token, state.step, 1),
+        logprobs=jax.lax.dynamic_update_index_in_dim(state.logprobs, logprob, state.step, 1),
+        done=state.done | is_stop,
+    )
+
+
+def _constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) -> jax.Array:
+    """Pins `x` to the sharding its logical `axes` get on `mesh` (no-op without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, mesh_lib.logical_spec(axes, x.shape, mesh)))
+
+
+def _constrain_state(state: DecodeState, mesh: Mesh | None) -> DecodeState:
+    """Rows over the mesh's batch axes, the cache's kv heads over its tensor axis."""
+    rows = lambda x: _constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh)
+    heads = lambda x: _constrain(x, ("batch", "kv_heads", None, None), mesh)
+    return state._replace(tokens=rows(state.tokens), logprobs=rows(state.logprobs), done=rows(state.done),
+                          positions=rows(state.positions), kv_mask=rows(state.kv_mask),
+                          cache=jax.tree.map(heads, state.cache))
+
+
+def _grow_cache(cache: list[LayerCache], length: int) -> list[LayerCache]:
+    """Pads every layer's cache with empty slots up to `length` (keys `[B, K, Dh, S]`, values `[B, K, S, Dh]`)."""
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, length - x.shape[axis])
+        return jnp.pad(x, widths)
+    return [LayerCache(pad(layer.k, 3), pad(layer.v, 2)) for layer in cache]
+
+
+def segment_ends(max_new_tokens: int) -> list[int]:
+    """The step counts at which decode segments end: steps 1 … N-1 in near-equal parts of about
+    MIN_SEGMENT steps, at most MAX_SEGMENTS of them."""
+    steps = max_new_tokens - 1
+    parts = min(MAX_SEGMENTS, max(1, round(steps / MIN_SEGMENT)))
+    return [1 + math.ceil(steps * (j + 1) / parts) for j in range(parts)] if steps else []
+
+
+def _prefill(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array,
+             params: SamplingParams, mesh: Mesh | None) -> DecodeState:
+    """Runs the `[B, P]` prompts once, repeats the cache n times and samples each row's first token.
+
+    The returned cache holds only the P prompt slots; decoding grows it.
+    """
+    (b, p), n, new = prompt_tokens.shape, params.n, params.max_new_tokens
+    cache = jax.tree.map(lambda x: _constrain(x, ("batch", "kv_heads", None, None), mesh),
+                         model.init_cache(b, p))
+    hidden, cache = model.hidden_states(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask,
+                                        cache, 0)
+    logits = model.logits(hidden[:, -1])  # [B, V]: left padding puts every prompt's end at P-1
+    repeat = lambda x: jnp.repeat(x, n, axis=0)
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        tokens=jnp.full((b * n, new), params.pad_id, jnp.int32),
+        logprobs=jnp.zeros((b * n, new), jnp.float32),
+        done=jnp.zeros((b * n,), bool),
+        positions=repeat(prompt_mask.sum(axis=1, dtype=jnp.int32)) - 1,
+        kv_mask=repeat(jnp.concatenate([prompt_mask, jnp.ones((b, new), bool)], axis=1)),
+        cache=jax.tree.map(repeat, cache),
+        key=key,
+    )
+    return _emit(_constrain_state(state, mesh), repeat(logits), params)
+
+
+def _decode_segment(model: Transformer, state: DecodeState, end: int, params: SamplingParams,
+                    mesh: Mesh | None) -> DecodeState:
+    """Generates tokens `state.step` … `end - 1` (fewer once every row has stopped).
+
+    The cache is first grown to P + end - 1 slots, all that step end - 1 can have filled, so the
+    segment's queries never read slots that no step of it can reach.
+    """
+    prompt_len = state.kv_mask.shape[1] - params.max_new_tokens
+    length = prompt_len + end - 1
+    kv_mask = state.kv_mask[:, :length]
+
+    def step(state: DecodeState) -> DecodeState:
+        last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [R, 1]
+        positions = state.positions + 1
+        hidden, cache = model.hidden_states(last, positions[:, None], kv_mask, state.cache,
+                                            prompt_len + state.step - 1)
+        state = state._replace(positions=positions, cache=cache)
+        return _constrain_state(_emit(state, model.logits(hidden[:, 0]), params), mesh)
+
+    running = lambda state: (state.step < end) & ~jnp.all(state.done)
+    state = _constrain_state(state._replace(cache=_grow_cache(state.cache, length)), mesh)
+    return jax.lax.while_loop(running, step, state)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("params", "mesh"))
+def _sample(graphdef: nnx.GraphDef, weights: nnx.State, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+            key: jax.Array, *, params: SamplingParams, mesh: Mesh | None) -> dict[str, jax.Array]:
+    """Prefill and every decode segment in one compiled call; the array fields of SampleOutput.
+
+    The KV cache is made, grown and dropped inside this call, so XLA updates it in place and frees it
+    at the end (what donating it between separate prefill and decode calls would buy), and there is no
+    host round trip between segments.
+    """
+    model: Transformer = nnx.merge(graphdef, weights)
+    state = _prefill(model, prompt_tokens, prompt_mask, key, params, mesh)
+    for end in segment_ends(params.max_new_tokens):
+        state = _decode_segment(model, state, end, params, mesh)
+    stops = jnp.isin(state.tokens, jnp.asarray(params.stop_ids, jnp.int32)) if params.stop_ids \
+        else jnp.zeros(state.tokens.shape, bool)
+    repeat = lambda x: jnp.repeat(x, params.n, axis=0)
+    # Log-probs are already 0 after the stop: finished rows record 0.
+    return dict(tokens=state.tokens, logprobs=state.logprobs,
+                mask=(jnp.cumsum(stops, axis=1) - stops) == 0,  # no stop token before this one
+                prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, n: int = 1,
+             stop_ids: Sequence[int] = (), seed: int = 0, pad_id: int = 0,
+             mesh: Mesh | None = None) -> SampleOutput:
+    """Samples `n` responses of at most `max_new_tokens` tokens to each prompt (lists of token ids).
+
+    temperature 0 is greedy decoding; top_k 0 and top_p 1 switch those filters off. A row ends after
+    its first token in `stop_ids`. With a `mesh`, the model's weights may be sharded on it and the
+    rows are split over its batch axes (data, fsdp). One compiled program serves every call with the
+    same model structure, bucketed prompt length, number of prompts and knobs.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature),
+                            top_k=int(top_k), top_p=float(top_p), n=int(n),
+                            stop_ids=tuple(int(i) for i in stop_ids), pad_id=int(pad_id))
+    tokens, mask = left_pad(prompts, bucket_length(max(map(len, prompts))), pad_id)
+    graphdef, weights = nnx.split(model)
+    out = _sample(graphdef, weights, _put_rows(tokens, mesh), _put_rows(mask, mesh),
+                  jax.random.key(seed), params=params, mesh=mesh)
+    tokens = np.asarray(mesh_lib.gather(out["tokens"]))
+    lengths = np.asarray(mesh_lib.gather(out["mask"])).sum(axis=1)
+    return SampleOutput(token_lists=[row[:length].tolist() for row, length in zip(tokens, lengths)],
+                        **out)
+
+
+def _put_rows(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """`x[B, ...]` on device, its rows split over the mesh's batch axes where they divide evenly."""
+    if mesh is None:
+        return jnp.asarray(x)
+    spec = mesh_lib.logical_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
+    return jax.device_put(x, NamedSharding(mesh, spec))

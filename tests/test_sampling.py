@@ -1,0 +1,156 @@
+"""The sampler agrees with transformers and with a fresh forward pass; stops, n samples, filters, mesh."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from sqlm_jax import mesh as mesh_lib
+from sqlm_jax import sampling
+from sqlm_jax.models import load_pretrained
+from tests.checkpoints import make_checkpoint
+
+PROMPT_LENGTHS = (5, 11, 3, 8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(folder, torch reference, our model) for one random Qwen2 checkpoint."""
+    folder, ref = make_checkpoint(tmp_path_factory.mktemp("ckpt"), "qwen2")
+    return folder, ref, load_pretrained(folder)[0]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.RandomState(0)
+    return [rng.randint(1, 97, length).tolist() for length in PROMPT_LENGTHS]
+
+
+def _hf_greedy(ref, prompts, max_new_tokens):
+    """transformers' greedy continuation `[B, N]` of a left-padded batch."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                           min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[:, width:].numpy()
+
+
+def _forward_logprobs(model, out: sampling.SampleOutput) -> np.ndarray:
+    """log p(response token) `[R, N]` from one fresh forward pass over prompt + response."""
+    ids = jnp.concatenate([out.prompt_tokens, out.tokens], axis=1)
+    mask = jnp.concatenate([out.prompt_mask, out.mask], axis=1)
+    logp = jax.nn.log_softmax(model(ids, mask), axis=-1)
+    prompt_len = out.prompt_tokens.shape[1]
+    predicted = logp[:, prompt_len - 1:-1]  # position t predicts token t + 1
+    return np.asarray(jnp.take_along_axis(predicted, out.tokens[..., None], axis=-1)[..., 0])
+
+
+def test_greedy_matches_transformers(checkpoint, prompts):
+    _, ref, model = checkpoint
+    out = sampling.generate(model, prompts, max_new_tokens=32, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(out.tokens), _hf_greedy(ref, prompts, 32))
+    assert out.mask.all() and [len(t) for t in out.token_lists] == [32] * len(prompts)
+
+
+@pytest.mark.parametrize("knobs", [dict(), dict(n=3, top_k=20, top_p=0.9, temperature=0.7)])
+def test_logprobs_equal_a_fresh_forward_pass(checkpoint, prompts, knobs):
+    model = checkpoint[2]
+    out = sampling.generate(model, prompts, max_new_tokens=16, seed=1, stop_ids=(5, 7), **knobs)
+    expected = np.where(out.mask, _forward_logprobs(model, out), 0.0)
+    assert out.logprobs.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_stop_ids_end_rows(checkpoint, prompts):
+    model = checkpoint[2]
+    free = np.asarray(sampling.generate(model, prompts, max_new_tokens=12, temperature=0.0).tokens)
+    # A stop token that greedy row 0 emits but some other row never does.
+    stop, other = next((int(t), r) for t in free[0] for r in range(1, len(prompts)) if t not in free[r])
+    out = sampling.generate(model, prompts, max_new_tokens=12, temperature=0.0, stop_ids=(stop,), pad_id=0)
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    for row in range(len(prompts)):
+        hits = np.flatnonzero(free[row] == stop)
+        length = hits[0] + 1 if hits.size else 12
+        assert out.token_lists[row] == free[row, :length].tolist()
+        assert mask[row].sum() == length and mask[row, :length].all()
+        assert (tokens[row, length:] == 0).all() and (np.asarray(out.logprobs)[row, length:] == 0).all()
+    assert len(out.token_lists[other]) == 12 and mask[other].all()
+
+
+def test_every_row_stopping_ends_decoding(checkpoint, prompts):
+    out = sampling.generate(checkpoint[2], prompts, max_new_tokens=12, stop_ids=range(97), n=2)
+    assert [len(t) for t in out.token_lists] == [1] * 8
+    assert np.asarray(out.mask).sum(axis=1).tolist() == [1] * 8
+
+
+def test_n_samples_share_their_prompt_and_follow_the_seed(checkpoint, prompts):
+    model, n = checkpoint[2], 4
+    run = lambda seed: sampling.generate(model, prompts[:2], max_new_tokens=10, n=n, seed=seed)
+    out, again, other = run(0), run(0), run(1)
+    prompt_tokens = np.asarray(out.prompt_tokens)
+    for i, prompt in enumerate(prompts[:2]):
+        rows = prompt_tokens[i * n:(i + 1) * n]
+        assert all(row[-len(prompt):].tolist() == prompt for row in rows)
+        assert len({tuple(t) for t in out.token_lists[i * n:(i + 1) * n]}) > 1  # samples differ
+    assert out.token_lists == again.token_lists
+    np.testing.assert_array_equal(np.asarray(out.logprobs), np.asarray(again.logprobs))
+    assert out.token_lists != other.token_lists
+
+
+def test_top_k_1_is_greedy(checkpoint, prompts):
+    model = checkpoint[2]
+    greedy = sampling.generate(model, prompts, max_new_tokens=12, temperature=0.0)
+    top1 = sampling.generate(model, prompts, max_new_tokens=12, temperature=1.3, top_k=1, seed=3)
+    assert top1.token_lists == greedy.token_lists
+
+
+def test_top_p_filter_keeps_the_smallest_set_reaching_p():
+    logits = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]]))
+    kept = lambda p: np.flatnonzero(np.isfinite(sampling.top_p_filter(logits, p)[0])).tolist()
+    assert kept(0.4) == [1]          # 0.5 alone reaches 0.4
+    assert kept(0.5) == [1]          # ... and exactly 0.5
+    assert kept(0.7) == [1, 3]       # 0.5 + 0.3
+    assert kept(0.9) == [0, 1, 3]    # 0.5 + 0.3 + 0.15 = 0.95
+    assert kept(1.0) == [0, 1, 2, 3]
+    # Unnormalised logits (a shift) change nothing; a row is filtered on its own.
+    np.testing.assert_array_equal(np.isfinite(sampling.top_p_filter(logits + 3.0, 0.7)),
+                                  np.isfinite(sampling.top_p_filter(logits, 0.7)))
+
+
+def test_top_k_filter():
+    logits = jnp.array([[1.0, 4.0, 3.0, 2.0], [0.0, 0.0, 5.0, 1.0]])
+    kept = np.isfinite(sampling.top_k_filter(logits, 2))
+    assert kept.tolist() == [[False, True, True, False], [False, False, True, True]]
+
+
+def test_bucket_length():
+    assert [sampling.bucket_length(n) for n in (1, 16, 17, 100, 512, 513, 1500)] == \
+        [16, 16, 32, 128, 512, 1024, 1536]
+
+
+def test_bad_arguments_are_named(checkpoint, prompts):
+    model = checkpoint[2]
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.generate(model, prompts, max_new_tokens=4, top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sampling.generate(model, prompts, max_new_tokens=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        sampling.generate(model, [[1], []], max_new_tokens=4)
+
+
+def test_sharded_mesh_gives_the_same_samples(checkpoint, prompts):
+    assert len(jax.devices()) == 8, "conftest asks for 8 fake CPU devices"
+    folder, _, single = checkpoint
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded, _ = load_pretrained(folder, mesh=mesh)
+    for knobs in (dict(temperature=0.0), dict(n=2, temperature=1.0, seed=5)):
+        ours = sampling.generate(sharded, prompts, max_new_tokens=12, mesh=mesh, **knobs)
+        reference = sampling.generate(single, prompts, max_new_tokens=12, **knobs)
+        assert ours.token_lists == reference.token_lists
+        np.testing.assert_allclose(np.asarray(ours.logprobs), np.asarray(reference.logprobs), atol=1e-5)
+        assert ours.tokens.sharding.spec[0] == ("data", "fsdp")  # rows really are split
