@@ -24,6 +24,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.resume = False  # continue from the latest checkpoint in workdir
 
+    # Multi-host: on a TPU pod slice the workers find each other; elsewhere name the coordinator
+    # (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+    c.distributed = ml_collections.ConfigDict({
+        "coordinator_address": placeholder(str),  # "10.0.0.2:1234"
+        "num_processes": placeholder(int),
+        "process_id": placeholder(int),
+        "cpu_collectives": "gloo",   # collectives between CPU hosts ("" to leave JAX's default)
+    })
+
     c.model = ml_collections.ConfigDict({
         "path": "Qwen/Qwen2.5-3B-Instruct",  # HF hub id or local folder
         "param_dtype": "float32",

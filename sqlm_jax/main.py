@@ -36,6 +36,8 @@ def main(argv: list[str]) -> None:
                    FileNotFoundError, FileExistsError)
     try:
         validate(config)
+        from sqlm_jax import distributed
+        distributed.initialize(config.distributed)  # before anything touches a device
         from sqlm_jax.train import Trainer
         summary = Trainer(config).run()
     except user_errors as e:

@@ -112,7 +112,12 @@ def shard_batch(tree, mesh: Mesh | None):
 
 def gather(x: jax.Array) -> jax.Array | np.ndarray:
     """The whole of `x` on this host (across hosts where it is not fully addressable here)."""
-    if getattr(x, "is_fully_addressable", True):
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
         return x
     from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(x, tiled=True)
+
+
+def to_host(tree):
+    """Every array of `tree` as a numpy array holding its whole value, on every host."""
+    return jax.tree.map(lambda x: np.asarray(gather(x)), tree)

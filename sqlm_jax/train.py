@@ -28,7 +28,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from sqlm_jax import mesh as mesh_lib
-from sqlm_jax import plan
+from sqlm_jax import distributed, plan, sandbox
 from sqlm_jax import rewards as rewards_lib
 from sqlm_jax import rl
 from sqlm_jax.checkpoints import Checkpointer
@@ -41,6 +41,7 @@ from sqlm_jax.tasks import get_task
 from sqlm_jax.tasks.base import Question
 from sqlm_jax.tokenizer import load_tokenizer
 from sqlm_jax.models.critic import Critic
+from sqlm_jax.plots import plot_run
 from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, batch_logprobs, batch_values,
                                  make_optimizer, policy_loss_fn, train_step, value_loss_fn)
 
@@ -121,7 +122,7 @@ class Trainer:
         self.eval_problems = self.task.heldout_problems(c.eval.num_problems, c.eval.seed)
         self.steps_done = 0
         self.eval_history: list[dict[str, Any]] = []
-        self.pregenerated: list[str] | None = None
+        self.pregenerated: list[dict] | None = None  # the ablation's fixed question pool
         self.data_position = 0
 
     def _compiled_learner(self, params, tx, loss_fn):
@@ -184,17 +185,14 @@ class Trainer:
         valid = np.array([q is not None for q in questions])
         metrics: dict[str, float] = {}
         if self.reward_kind == "unit_tests":
-            from sqlm_jax.sandbox import SandboxConfig, run_many, status_counts
             programs = [self.task.parse_answer(a) for a in answers]
             jobs = [(p or "", questions[i // n].tests if valid[i // n] else ())
                     for i, p in enumerate(programs)]
-            results = run_many(jobs, workers=c.reward.sandbox_workers or None,
-                               timeout_s=c.reward.code_timeout_s,
-                               config=SandboxConfig(allow_unisolated_fallback=c.reward.allow_unisolated_sandbox))
-            fractions = np.array([r.fraction for r in results], np.float32).reshape(-1, n)
+            results = distributed.split_across_hosts(self._run_programs, jobs, 1 + len(sandbox.STATUSES))
+            fractions = results[:, 0].astype(np.float32).reshape(-1, n)
             solver, proposer = rewards_lib.code_rewards(jnp.asarray(fractions))
-            total = max(sum(status_counts(results).values()), 1)
-            metrics.update({f"sandbox/{k}": v / total for k, v in status_counts(results).items()})
+            counts = results[:, 1:].sum(axis=0)
+            metrics.update({f"sandbox/{s}": c / max(counts.sum(), 1) for s, c in zip(sandbox.STATUSES, counts)})
             metrics["answers/parsed"] = float(np.mean([p is not None for p in programs]))
         else:
             parsed = [self.task.parse_answer(a) for a in answers]
@@ -212,12 +210,21 @@ class Trainer:
         proposer = np.asarray(proposer) * valid
         return solver, proposer, metrics
 
+    def _run_programs(self, jobs) -> np.ndarray:
+        """Sandbox runs of `(program, tests)` jobs: per job `[pass fraction, count of each status]`."""
+        c = self.config.reward
+        results = sandbox.run_many(jobs, workers=c.sandbox_workers or None, timeout_s=c.code_timeout_s,
+                                   config=sandbox.SandboxConfig(allow_unisolated_fallback=c.allow_unisolated_sandbox))
+        return np.array([[r.fraction] + [r.statuses.count(s) for s in sandbox.STATUSES] for r in results])
+
     def _role_batch(self, out, row_mask: np.ndarray) -> RoleBatch:
         """A RoleBatch from sampler output, `row_mask[N]` dropping whole rows from every loss."""
-        mask = np.asarray(out.mask) & row_mask[:, None]
+        prompt_ids, prompt_mask, response_ids, mask = mesh_lib.to_host(
+            (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask))
+        mask = mask & row_mask[:, None]
         zeros = np.zeros(mask.shape, np.float32)
-        return RoleBatch(prompt_ids=np.asarray(out.prompt_tokens), prompt_mask=np.asarray(out.prompt_mask),
-                         response_ids=np.asarray(out.tokens), response_mask=mask, advantages=zeros,
+        return RoleBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                         response_ids=response_ids, response_mask=mask, advantages=zeros,
                          old_logp=zeros, ref_logp=zeros, old_values=zeros, returns=zeros)
 
     def with_advantages(self, batch: RoleBatch, rewards: np.ndarray, group_size: int) -> RoleBatch:
@@ -251,7 +258,7 @@ class Trainer:
     def fill_logprobs(self, batch: RoleBatch) -> RoleBatch:
         """Old (current weights) and reference log-probs, and critic values, before any update."""
         micro = self._micro_batches(batch)
-        flat = lambda x: np.asarray(x).reshape(batch.response_ids.shape)
+        flat = lambda x: mesh_lib.to_host(x).reshape(batch.response_ids.shape)
         old = flat(self._logprobs(self.state.params, micro))
         ref = flat(self._logprobs(self.ref_params, micro)) if self.ref_params is not None else old * 0
         values = flat(self._values(self.critic_state.params, micro)) if self.critic_state else old * 0
@@ -271,7 +278,7 @@ class Trainer:
                 if self.critic_state is not None:
                     m.update({f"critic_{k}": v for k, v in critic_metrics.items()})
                 metrics.append(m)
-        metrics = jax.device_get(metrics)
+        metrics = mesh_lib.to_host(metrics)
         return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
 
     # ---------------------------------------------------------------------------------- one step
@@ -281,18 +288,20 @@ class Trainer:
             return self.propose(step)
         count = self.config.rollout.batch_size * self.config.rollout.n
         pool = self.pregenerated
-        texts = [pool[(self.data_position + i) % len(pool)] for i in range(count)]
+        picked = [pool[(self.data_position + i) % len(pool)] for i in range(count)]
         self.data_position += count
-        return None, texts, [Question(t) for t in texts]
+        return None, [p["proposal"] for p in picked], \
+            [Question(p["text"], tuple(map(tuple, p["tests"]))) for p in picked]
 
     def pregenerate(self) -> None:
         """The ablation's fixed question pool, proposed once by the base model before training."""
         c = self.config
-        pool: list[str] = []
+        pool: list[dict] = []
         chunk = 0
         while len(pool) < c.rollout.pregenerated_questions and chunk < 100:
-            _, _, questions = self.propose(-1 - chunk)
-            pool += [q.text for q in questions if q is not None]
+            _, proposals, questions = self.propose(-1 - chunk)
+            pool += [{"proposal": p, "text": q.text, "tests": q.tests}
+                     for p, q in zip(proposals, questions) if q is not None]
             chunk += 1
         if not pool:
             raise RuntimeError("the base model proposed no valid question; cannot pregenerate a pool")
@@ -326,8 +335,8 @@ class Trainer:
             metrics.update({f"proposer/{k}": v for k, v in self.update(proposer_batch, n).items()})
         t_update = time.perf_counter()
 
-        sol_tokens = int(np.asarray(sol_out.mask).sum())
-        prop_tokens = int(np.asarray(prop_out.mask).sum()) if prop_out is not None else 0
+        sol_tokens = int(solver_batch.response_mask.sum())
+        prop_tokens = int(mesh_lib.to_host(prop_out.mask).sum()) if prop_out is not None else 0
         metrics.update({
             "reward/solver": float(solver_r[valid].mean()) if valid.any() else 0.0,
             "reward/proposer": float(proposer_r.mean()),
@@ -411,20 +420,21 @@ class Trainer:
                                 valid=f"{metrics['proposals/valid']:.2f}")
                 if self.steps_done % eval_every == 0 or self.steps_done == c.train.steps:
                     self.evaluate()
-                if stop.requested or self.steps_done % c.checkpoint.every == 0 \
-                        or self.steps_done == c.train.steps:
+                stopping = distributed.any_host(stop.requested)  # every host stops at the same step
+                if stopping or self.steps_done % c.checkpoint.every == 0 or self.steps_done == c.train.steps:
                     self.save()
-                if stop.requested:
+                if stopping:
                     return {"stopped_at": self.steps_done}
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
         c = self.config
         export_dir = None
-        if c.export and jax.process_index() == 0:
+        if c.export:
             export_dir = os.path.join(c.workdir, "export")
-            save_pretrained(self.model, self.model_config, export_dir)
-            self.tokenizer.hf.save_pretrained(export_dir)
+            save_pretrained(self.model, self.model_config, export_dir)  # collective: every host calls it
+            if jax.process_index() == 0:
+                self.tokenizer.hf.save_pretrained(export_dir)
         summary = {
             "task": c.task,
             "base_accuracy": self.eval_history[0]["eval/greedy_accuracy"],
@@ -436,6 +446,7 @@ class Trainer:
         if jax.process_index() == 0:
             with open(os.path.join(c.workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
+            summary["plots"] = [str(p) for p in plot_run(c.workdir, c.task)]
         self.log.close()
         self.checkpointer.close()
         return summary

@@ -11,10 +11,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import tempfile  # noqa: E402
 
-import jax  # noqa: E402
-
-# One compilation cache for the session: the end-to-end tests build several trainers whose compiled
-# steps are identical, and XLA's CPU compile (seconds each) would otherwise dominate the suite.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="sqlm_jax_xla_cache_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# One compilation cache for the session, shared with the subprocesses tests start (through the
+# environment): the end-to-end tests build many trainers whose compiled steps are identical, and XLA's
+# CPU compile (seconds per program) would otherwise dominate the suite.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sqlm_jax_xla_cache_")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

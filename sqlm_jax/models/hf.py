@@ -138,7 +138,7 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 def _read_tensor(file: Path, name: str) -> np.ndarray:
     # framework="flax" because safetensors' numpy reader rejects bfloat16; read on the host CPU so a
     # big tensor never lands whole on one accelerator.
-    with jax.default_device(jax.devices("cpu")[0]), safe_open(file, framework="flax") as f:
+    with jax.default_device(jax.local_devices(backend="cpu")[0]), safe_open(file, framework="flax") as f:
         return np.asarray(f.get_tensor(name))
 
 
@@ -183,15 +183,16 @@ def save_pretrained(model: Transformer, cfg: ModelConfig, folder: str | os.PathL
     """Writes an HF folder (config.json + safetensors, sharded with an index past `max_shard_bytes`).
 
     The folder is assembled beside its destination and moved into place at the end, so an interrupted
-    export never leaves a half-written model where a good one stood.
+    export never leaves a half-written model where a good one stood. In a multi-host run every process
+    must call this (the weights are gathered collectively); only process 0 writes.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     shards, current, size = [], {}, 0
     for rule in _rules(cfg):
         ours = np.asarray(jax.device_get(mesh_lib.gather(flat[rule.ours].get_value())))
+        if jax.process_index() != 0:
+            continue
         for name, array in zip(rule.hf, rule.to_hf(ours)):
             if current and size + array.nbytes > max_shard_bytes:
                 shards.append(current)
@@ -199,7 +200,11 @@ def save_pretrained(model: Transformer, cfg: ModelConfig, folder: str | os.PathL
             current[name] = jnp.asarray(np.ascontiguousarray(array))
             size += array.nbytes
     shards.append(current)
+    if jax.process_index() != 0:
+        return folder
 
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     weight_map = {}
     for i, shard in enumerate(shards):
         file = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -1,0 +1,50 @@
+"""Runs the tiny self-play config in its own process (multi-host and preemption tests).
+
+    python tests/run_driver.py MODEL WORKDIR OUT.npz --steps 2 [--devices 2 --processes 2 --process-id 0
+                               --port 12345] [--resume]
+
+Writes the final parameters (gathered on every host) to OUT.npz, one file per process.
+"""
+import argparse
+import os
+import sys
+
+parser = argparse.ArgumentParser()
+parser.add_argument("model")
+parser.add_argument("workdir")
+parser.add_argument("out")
+parser.add_argument("--steps", type=int, default=2)
+parser.add_argument("--devices", type=int, default=8)
+parser.add_argument("--processes", type=int, default=1)
+parser.add_argument("--process-id", type=int, default=0)
+parser.add_argument("--port", type=int, default=0)
+parser.add_argument("--resume", action="store_true")
+args = parser.parse_args()
+
+# Before jax is imported: this process's fake CPU devices.
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from sqlm_jax import distributed, mesh as mesh_lib  # noqa: E402
+from tests.tiny_models import tiny_run_config  # noqa: E402
+
+config = tiny_run_config(args.model, args.workdir, steps=args.steps)
+config.resume = args.resume
+if args.processes > 1:
+    config.distributed.coordinator_address = f"127.0.0.1:{args.port}"
+    config.distributed.num_processes = args.processes
+    config.distributed.process_id = args.process_id
+distributed.initialize(config.distributed)
+
+from sqlm_jax.train import Trainer  # noqa: E402
+
+trainer = Trainer(config)
+summary = trainer.run()
+params = {".".join(map(str, k)): np.asarray(mesh_lib.gather(v.get_value()))
+          for k, v in nnx.to_flat_state(trainer.state.params)}
+np.savez(args.out, **params)
+print("SUMMARY", summary.get("steps", summary.get("stopped_at")), flush=True)
