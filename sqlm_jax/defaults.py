@@ -21,6 +21,8 @@ def base_config() -> ml_collections.ConfigDict:
         "dataset": placeholder(str),    # hub dataset id (online)
     })
     c.workdir = "runs/default"  # logs, checkpoints, exports (local path or gs://)
+    # With a gs:// workdir: the local folder where logs are written before they are copied up.
+    c.workdir_mirror = placeholder(str)
     c.seed = 0
     c.resume = False  # continue from the latest checkpoint in workdir
 

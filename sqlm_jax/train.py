@@ -40,6 +40,7 @@ from sqlm_jax.sampling import generate
 from sqlm_jax.tasks import get_task
 from sqlm_jax.tasks.base import Question
 from sqlm_jax.tokenizer import load_tokenizer
+from sqlm_jax.workdir import Workdir
 from sqlm_jax.models.critic import Critic
 from sqlm_jax.plots import plot_run
 from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, batch_logprobs, batch_values,
@@ -115,10 +116,11 @@ class Trainer:
                 critic_params, critic_tx, value_loss_fn(self.critic_graphdef, c.rl.value_clip))
             self._values = jax.jit(functools.partial(batch_values, self.critic_graphdef))
 
-        self.log = RunLog(c.workdir, enabled=jax.process_index() == 0)
-        self.checkpointer = Checkpointer(os.path.join(os.path.abspath(c.workdir), "checkpoints")
-                                         if "://" not in c.workdir else c.workdir + "/checkpoints",
-                                         keep=c.checkpoint.keep)
+        self.workdir = Workdir(c.workdir, mirror=c.workdir_mirror)
+        if c.resume:
+            self.workdir.pull()
+        self.log = RunLog(self.workdir.local, enabled=jax.process_index() == 0)
+        self.checkpointer = Checkpointer(self.workdir.checkpoints, keep=c.checkpoint.keep)
         self.eval_problems = self.task.heldout_problems(c.eval.num_problems, c.eval.seed)
         self.steps_done = 0
         self.eval_history: list[dict[str, Any]] = []
@@ -381,6 +383,7 @@ class Trainer:
         self.checkpointer.save(self.steps_done, self._learners(), {
             "steps_done": self.steps_done, "seed": self.config.seed, "data_position": self.data_position,
             "eval_history": self.eval_history, "pregenerated": self.pregenerated})
+        self.workdir.push()
 
     def restore(self) -> bool:
         step = self.checkpointer.latest_step()
@@ -431,7 +434,7 @@ class Trainer:
         c = self.config
         export_dir = None
         if c.export:
-            export_dir = os.path.join(c.workdir, "export")
+            export_dir = os.path.join(self.workdir.local, "export")
             save_pretrained(self.model, self.model_config, export_dir)  # collective: every host calls it
             if jax.process_index() == 0:
                 self.tokenizer.hf.save_pretrained(export_dir)
@@ -440,13 +443,14 @@ class Trainer:
             "base_accuracy": self.eval_history[0]["eval/greedy_accuracy"],
             "final_accuracy": self.eval_history[-1]["eval/greedy_accuracy"],
             "steps": self.steps_done,
-            "export_dir": export_dir,
+            "export_dir": export_dir and os.path.join(c.workdir, "export"),  # where it ends up
             "eval_history": self.eval_history,
         }
         if jax.process_index() == 0:
-            with open(os.path.join(c.workdir, "summary.json"), "w") as f:
+            with open(os.path.join(self.workdir.local, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
-            summary["plots"] = [str(p) for p in plot_run(c.workdir, c.task)]
+            summary["plots"] = [str(p) for p in plot_run(self.workdir.local, c.task)]
+        self.workdir.push()
         self.log.close()
         self.checkpointer.close()
         return summary
