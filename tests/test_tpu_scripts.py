@@ -110,7 +110,7 @@ def test_setup_copies_the_working_tree_and_installs_jax_tpu(gcloud):
     assert "--worker=all" in scp and "--worker=all" in ssh
     remote = _remote_command(ssh)
     for text in ("tar -xzf", "uv venv --seed --python 3.11", "pip install -q -e $HOME/sqlm_jax",
-                 "pip install -q -U 'jax[tpu]'"):
+                 "pip install -q -U 'jax[tpu]' gcsfs"):
         assert text in remote
     assert subprocess.run(["bash", "-n", "-c", remote]).returncode == 0
     assert not list(Path(env["TMPDIR"]).glob("*.tgz")), "--dry-run must not write the archive"

@@ -28,7 +28,7 @@ INSTALL="export PATH=\$HOME/.local/bin:\$PATH"
 INSTALL+=" && (command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh)"
 INSTALL+=" && ([ -x $REMOTE_VENV/bin/python ] || uv venv --seed --python $(quote "$PYTHON") $REMOTE_VENV)"
 INSTALL+=" && $REMOTE_VENV/bin/pip install -q -e $REMOTE_DIR"
-INSTALL+=" && $REMOTE_VENV/bin/pip install -q -U 'jax[tpu]'"
+INSTALL+=" && $REMOTE_VENV/bin/pip install -q -U 'jax[tpu]' gcsfs"  # gcsfs: gs:// workdirs
 # Local devices only: a global device count would wait for every other worker's runtime.
 INSTALL+=" && $REMOTE_VENV/bin/python -c 'import jax; print(jax.local_devices())'"
 
