@@ -126,14 +126,28 @@ class Attention(nnx.Module):
             query_slot = write_index + jnp.arange(t)
         key_slot = jnp.arange(v.shape[2])
         mask = kv_mask[:, None, :] & (key_slot[None, None, :] <= query_slot[None, :, None])  # [B,T,S]
-
-        scores = jnp.einsum("btkgh,bkhs->bkgts", q, k.astype(dt)).astype(jnp.float32)
-        scores = scores / math.sqrt(q.shape[-1])
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bksh->btkgh", probs, v.astype(dt)).reshape(b, t, -1)  # [B, T, H·Dh]
+        out = attend(q, k.astype(dt), v.astype(dt), mask).reshape(b, t, -1)  # [B, T, H·Dh]
         # One [H·Dh, D] matmul: contracting (H, Dh) as two dims made XLA copy the weight every step.
         return out @ self.o[...].astype(dt).reshape(out.shape[-1], -1), cache
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention: q `[B, T, K, G, Dh]`, k `[B, K, Dh, S]`, v `[B, K, S, Dh]`, mask `[B, T, S]`
+    -> `[B, T, K, G, Dh]`. Scores and softmax in float32."""
+    if q.shape[1] == 1:
+        # One query per row (decoding): multiply-and-sum in float32, which XLA fuses into one pass over
+        # the cache. Its CPU dot for these tiny per-(B, K) products was 3-4x slower (bench/sampling.py).
+        q32 = q[:, 0].astype(jnp.float32)  # [B, K, G, Dh]
+        scores = jnp.sum(q32[..., None] * k[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None]
+    else:
+        scores = jnp.einsum("btkgh,bkhs->bkgts", q, k).astype(jnp.float32)  # [B, K, G, T, S]
+    scores = scores / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if q.shape[1] == 1:
+        out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None].astype(jnp.float32), axis=3)[:, None]
+        return out.astype(q.dtype)
+    return jnp.einsum("bkgts,bksh->btkgh", probs.astype(q.dtype), v)
 
 
 class MLP(nnx.Module):
