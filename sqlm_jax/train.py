@@ -447,9 +447,9 @@ class Trainer:
             "eval_history": self.eval_history,
         }
         if jax.process_index() == 0:
+            summary["plots"] = [str(p) for p in plot_run(self.workdir.local, c.task)]
             with open(os.path.join(self.workdir.local, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
-            summary["plots"] = [str(p) for p in plot_run(self.workdir.local, c.task)]
         self.workdir.push()
         self.log.close()
         self.checkpointer.close()
