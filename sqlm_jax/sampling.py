@@ -1,18 +1,24 @@
-"""Sampling: prefill a batch of left-padded prompts once, then decode with a KV cache in jitted loops.
+"""Sampling: prefill a batch of left-padded prompts once, then decode with a KV cache, all in one jit.
 
     prompts ──left pad to a bucketed length P──▶ prompt tokens [B, P]
-      ──prefill (jit)──▶ KV cache [B, P+N] and first-token logits, each repeated n times
-      ──▶ DecodeState over R = B·n rows ──decode segments (jit, state donated)──▶ tokens, log-probs [R, N]
+      ──prefill──▶ KV cache of the P prompt slots and first-token logits, each repeated n times
+      ──▶ DecodeState over R = B·n rows ──decode segments (while loops)──▶ tokens, log-probs [R, N]
 
-Samples of prompt i are rows i·n … i·n+n-1. Decoding stops early once every row has emitted a stop id.
-
-Speed (bench/sampling.py, docs/benchmarks.md): decoding runs in a few segments, each one
-`jax.lax.while_loop` over the steps of the segment; a segment's queries attend over only the cache slots
-that can be filled by its last step (a static bound), so early steps do not read the empty tail of the
-cache. Prompt lengths are bucketed (`bucket_length`) so a training run compiles a handful of shapes.
+Samples of prompt i are rows i·n … i·n+n-1. A row ends with its first stop id; decoding ends early once
+every row has. Greedy decoding is temperature 0.
 
 The log-prob reported for a token is log softmax of the model's raw logits (temperature 1, no top-k /
 top-p) at that token: what PPO's old-policy ratio needs, whatever distribution the token was drawn from.
+
+Compilation: one program per (model structure, weight shapes and shardings, number of prompts,
+bucketed prompt length P, SamplingParams, mesh); jax.jit caches it, and `bucket_length` keeps a training
+run to a handful of P. The model enters as nnx.split's graphdef (static) and state (an argument).
+
+Speed (bench/sampling.py, docs/benchmarks.md): decoding runs in a few segments, each a
+`jax.lax.while_loop`. Before a segment the cache grows to just the slots its last step can reach, so
+early steps do not read empty slots. The cache lives and dies inside the one compiled call: XLA
+updates it in place, which is what donating it between separate prefill and decode calls would buy,
+without a host round trip between them.
 """
 from __future__ import annotations
 
@@ -30,9 +36,9 @@ from jax.sharding import Mesh, NamedSharding
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax.models.transformer import LayerCache, Transformer, positions_from_mask
 
-# Decoding is split into at most MAX_SEGMENTS segments of at least MIN_SEGMENT steps. Each segment is one
-# more copy of the decode step for XLA to compile (~0.8 s on a 2-core CPU for the bench model), and
-# saves reading the part of the cache its steps cannot reach yet; see docs/benchmarks.md.
+# Decoding is split into segments of about MIN_SEGMENT steps, at most MAX_SEGMENTS of them. Each segment
+# is one more copy of the decode step for XLA to compile (~0.5 s on the 2-core bench machine) and saves
+# reading the cache slots its steps cannot reach yet (N=64: 2 segments are ~3-9% faster than 1).
 MAX_SEGMENTS = 4
 MIN_SEGMENT = 32
 
@@ -78,7 +84,7 @@ class SampleOutput:
 
 
 class DecodeState(NamedTuple):
-    """What the decode loop carries, over R rows; S = P + N cache slots."""
+    """What the decode loop carries over R rows, P prompt slots and N new tokens."""
 
     step: jax.Array          # [] int32: tokens generated so far
     tokens: jax.Array        # [R, N] int32, pad_id where not (yet) generated
@@ -114,7 +120,7 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
     """`logits[..., V]` with all but the k largest set to -inf (ties with the k-th largest are kept)."""
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    kth = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0][..., -1:]
     return jnp.where(logits < kth, -jnp.inf, logits)
 
 
@@ -168,13 +174,16 @@ def _constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) ->
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, mesh_lib.logical_spec(axes, x.shape, mesh)))
 
 
+def _constrain_cache(cache: list[LayerCache], mesh: Mesh | None) -> list[LayerCache]:
+    """Rows over the mesh's batch axes, kv heads over its tensor axis."""
+    return jax.tree.map(lambda x: _constrain(x, ("batch", "kv_heads", None, None), mesh), cache)
+
+
 def _constrain_state(state: DecodeState, mesh: Mesh | None) -> DecodeState:
-    """Rows over the mesh's batch axes, the cache's kv heads over its tensor axis."""
     rows = lambda x: _constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh)
-    heads = lambda x: _constrain(x, ("batch", "kv_heads", None, None), mesh)
     return state._replace(tokens=rows(state.tokens), logprobs=rows(state.logprobs), done=rows(state.done),
                           positions=rows(state.positions), kv_mask=rows(state.kv_mask),
-                          cache=jax.tree.map(heads, state.cache))
+                          cache=_constrain_cache(state.cache, mesh))
 
 
 def _grow_cache(cache: list[LayerCache], length: int) -> list[LayerCache]:
@@ -201,10 +210,8 @@ def _prefill(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Arra
     The returned cache holds only the P prompt slots; decoding grows it.
     """
     (b, p), n, new = prompt_tokens.shape, params.n, params.max_new_tokens
-    cache = jax.tree.map(lambda x: _constrain(x, ("batch", "kv_heads", None, None), mesh),
-                         model.init_cache(b, p))
     hidden, cache = model.hidden_states(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask,
-                                        cache, 0)
+                                        _constrain_cache(model.init_cache(b, p), mesh), 0)
     logits = model.logits(hidden[:, -1])  # [B, V]: left padding puts every prompt's end at P-1
     repeat = lambda x: jnp.repeat(x, n, axis=0)
     state = DecodeState(
@@ -247,12 +254,7 @@ def _decode_segment(model: Transformer, state: DecodeState, end: int, params: Sa
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("params", "mesh"))
 def _sample(graphdef: nnx.GraphDef, weights: nnx.State, prompt_tokens: jax.Array, prompt_mask: jax.Array,
             key: jax.Array, *, params: SamplingParams, mesh: Mesh | None) -> dict[str, jax.Array]:
-    """Prefill and every decode segment in one compiled call; the array fields of SampleOutput.
-
-    The KV cache is made, grown and dropped inside this call, so XLA updates it in place and frees it
-    at the end (what donating it between separate prefill and decode calls would buy), and there is no
-    host round trip between segments.
-    """
+    """Prefill and every decode segment in one compiled call: the array fields of SampleOutput."""
     model: Transformer = nnx.merge(graphdef, weights)
     state = _prefill(model, prompt_tokens, prompt_mask, key, params, mesh)
     for end in segment_ends(params.max_new_tokens):

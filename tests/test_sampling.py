@@ -126,6 +126,7 @@ def test_top_k_filter():
     logits = jnp.array([[1.0, 4.0, 3.0, 2.0], [0.0, 0.0, 5.0, 1.0]])
     kept = np.isfinite(sampling.top_k_filter(logits, 2))
     assert kept.tolist() == [[False, True, True, False], [False, False, True, True]]
+    assert np.isfinite(sampling.top_k_filter(logits, 10)).all()  # k beyond the vocabulary: no filter
 
 
 def test_bucket_length():
@@ -154,3 +155,10 @@ def test_sharded_mesh_gives_the_same_samples(checkpoint, prompts):
         assert ours.token_lists == reference.token_lists
         np.testing.assert_allclose(np.asarray(ours.logprobs), np.asarray(reference.logprobs), atol=1e-5)
         assert ours.tokens.sharding.spec[0] == ("data", "fsdp")  # rows really are split
+
+
+def test_one_new_token_is_the_prefill_alone(checkpoint, prompts):
+    out = sampling.generate(checkpoint[2], prompts, max_new_tokens=1, temperature=0.0, n=2)
+    greedy = sampling.generate(checkpoint[2], prompts, max_new_tokens=12, temperature=0.0)
+    assert out.tokens.shape == (8, 1)
+    assert [t[0] for t in out.token_lists] == [t[0] for t in greedy.token_lists for _ in range(2)]
