@@ -1,6 +1,6 @@
 """Sampler throughput against transformers' `generate`, on the same weights and CPU, in one process.
 
-    python bench/sampling.py                       # batch 8, 64, 256 + n=8 samples of 8 prompts
+    python bench/sampling.py                       # batch 8, 64, 256 + n=8 samples of 8 prompts, 10 reps
     python bench/sampling.py --batches 8 --reps 3
 
 A tiny Qwen2-shaped model (vocab 512, hidden 256, 4 layers, 4 heads / 2 kv heads, MLP 1024: 4.2M
@@ -92,7 +92,7 @@ def main():
     parser.add_argument("--batches", default="8,64,256")
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--samples", type=int, default=8, help="n for the n-samples row (0: skip)")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
