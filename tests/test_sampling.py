@@ -162,3 +162,12 @@ def test_one_new_token_is_the_prefill_alone(checkpoint, prompts):
     greedy = sampling.generate(checkpoint[2], prompts, max_new_tokens=12, temperature=0.0)
     assert out.tokens.shape == (8, 1)
     assert [t[0] for t in out.token_lists] == [t[0] for t in greedy.token_lists for _ in range(2)]
+
+
+def test_compiles_once_per_shape(checkpoint, prompts):
+    folder, _, model = checkpoint
+    other = load_pretrained(folder)[0]  # same structure, its own weight arrays (as after a train step)
+    before = sampling._sample._cache_size()
+    for m, seed, batch in ((model, 0, prompts), (other, 1, prompts), (model, 2, [p[:2] for p in prompts])):
+        sampling.generate(m, batch, max_new_tokens=6, seed=seed)  # prompt lengths 2…11 share bucket 16
+    assert sampling._sample._cache_size() == before + 1
