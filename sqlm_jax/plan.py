@@ -171,16 +171,17 @@ def largest_sampling_call(config) -> str:
 
 
 def kv_cache_shape(config, model_cfg: ModelConfig) -> tuple[int, int, int, int]:
-    """`[rows, S, K, Dh]` of each layer's k (and v) buffer in the step's largest sampler call."""
+    """`[rows, K, S, Dh]` of each layer's v buffer (k is `[rows, K, Dh, S]`, as many bytes) in the
+    step's largest sampler call."""
     _, rows, slots = sampling_calls(config)[largest_sampling_call(config)]
-    return rows, slots, model_cfg.num_kv_heads, model_cfg.head_dim
+    return rows, model_cfg.num_kv_heads, slots, model_cfg.head_dim
 
 
-_CACHE_AXES = ("batch", None, "kv_heads", "head_dim")  # as sampling.py constrains the cache
+_CACHE_AXES = ("batch", "kv_heads", None, None)  # as sampling.py constrains the cache (LayerCache)
 
 
 def _kv_cache_bytes(rows: int, slots: int, model_cfg: ModelConfig, mesh) -> int:
-    shape = (rows, slots, model_cfg.num_kv_heads, model_cfg.head_dim)
+    shape = (rows, model_cfg.num_kv_heads, slots, model_cfg.head_dim)
     itemsize = np.dtype(model_cfg.compute_dtype).itemsize
     return 2 * model_cfg.num_layers * shard_bytes(shape, _CACHE_AXES, itemsize, mesh)
 

@@ -57,7 +57,7 @@ def allocated():
                                       transform_non_params=lambda _: NamedSharding(mesh, mesh_lib.P()))
     opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
     shape = plan.kv_cache_shape(_tiny_config(), TINY)
-    cache_sharding = NamedSharding(mesh, mesh_lib.logical_spec(("batch", None, "kv_heads", "head_dim"),
+    cache_sharding = NamedSharding(mesh, mesh_lib.logical_spec(("batch", "kv_heads", None, None),
                                                                shape, mesh))
     zeros = jax.jit(lambda: jnp.zeros(shape, TINY.compute_dtype), out_shardings=cache_sharding)
     cache = [(zeros(), zeros()) for _ in range(TINY.num_layers)]
@@ -73,7 +73,7 @@ def test_plan_matches_allocated_bytes(allocated, row):
 
 def test_kv_cache_is_the_solver_call():
     # B·n·n = 8 solver rows of 16 (bucketed prompt) + 8 slots beat 4 proposer rows of 16 + 24.
-    assert plan.kv_cache_shape(_tiny_config(), TINY) == (8, 24, 2, 16)
+    assert plan.kv_cache_shape(_tiny_config(), TINY) == (8, 2, 24, 16)
 
 
 def test_fsdp_quarters_the_embed_sharded_weights():
