@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
         "warmup_steps": 0,
         "b1": 0.9,
         "b2": 0.999,
+        "eps": 1e-8,
         "weight_decay": 0.01,
         "grad_clip": 1.0,
     })

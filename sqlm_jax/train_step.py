@@ -71,7 +71,8 @@ def make_optimizer(optim_cfg, total_updates: int) -> optax.GradientTransformatio
         raise ValueError(f"optim.schedule={optim_cfg.schedule!r}; choose 'constant' or 'cosine'")
     return optax.chain(
         optax.clip_by_global_norm(optim_cfg.grad_clip),
-        optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=optim_cfg.weight_decay),
+        optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                    weight_decay=optim_cfg.weight_decay),
     )
 
 

@@ -19,6 +19,7 @@ parser.add_argument("--processes", type=int, default=1)
 parser.add_argument("--process-id", type=int, default=0)
 parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--resume", action="store_true")
+parser.add_argument("--sgd-like", action="store_true")
 args = parser.parse_args()
 
 # Before jax is imported: this process's fake CPU devices.
@@ -33,6 +34,10 @@ from sqlm_jax import distributed, mesh as mesh_lib  # noqa: E402
 from tests.tiny_models import tiny_run_config  # noqa: E402
 
 config = tiny_run_config(args.model, args.workdir, steps=args.steps)
+if args.sgd_like:
+    # A random policy earns no reward, so its gradients are the KL term's float rounding alone; Adam
+    # with eps ~ 0 would scale that noise up to full-size steps. A large eps keeps updates ~ lr * grad.
+    config.optim.eps, config.optim.lr = 1.0, 1e-2
 config.resume = args.resume
 if args.processes > 1:
     config.distributed.coordinator_address = f"127.0.0.1:{args.port}"
