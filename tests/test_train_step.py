@@ -13,7 +13,7 @@ from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, accumulate_g
                                  policy_loss_fn, train_step, value_loss_fn)
 
 CFG = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=40, hidden_size=32, intermediate_size=48,
-                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
+                  num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
 
 
 def _batch(n=8, p=5, r=6, seed=0) -> RoleBatch:
