@@ -33,14 +33,25 @@ def sample_operand(rng: random.Random) -> int:
     return rng.randint(0, upper - 1)
 
 
-def multiplication_pairs(n: int, seed: int) -> list[tuple[int, int]]:
-    """``n`` distinct ordered operand pairs; like the reference, duplicates are dropped."""
-    if not 0 <= n <= _MAX_HELDOUT:
-        raise ValueError(f"n must be in [0, {_MAX_HELDOUT}], got {n}")
+def multiplication_pairs(n: int, seed: int, a_range: tuple[int, int] | None = None,
+                         b_range: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """``n`` distinct ordered operand pairs; like the reference, duplicates are dropped.
+
+    Operands are drawn as the reference draws them, unless ``a_range`` and ``b_range`` (inclusive)
+    are given: then ``a`` and ``b`` are uniform over them (the tiny demo's problem family).
+    """
+    if (a_range is None) != (b_range is None):
+        raise ValueError("set both heldout_a_range and heldout_b_range, or neither")
+    space = None if a_range is None else (a_range[1] - a_range[0] + 1) * (b_range[1] - b_range[0] + 1)
+    if not 0 <= n <= min(_MAX_HELDOUT, space // 2 if space else _MAX_HELDOUT):
+        raise ValueError(f"n must be in [0, {_MAX_HELDOUT}] and at most half the {space} possible "
+                         f"pairs, got {n}")
     rng = random.Random(seed)
+    draw = (lambda: (sample_operand(rng), sample_operand(rng))) if a_range is None else \
+        (lambda: (rng.randint(*a_range), rng.randint(*b_range)))
     pairs: dict[tuple[int, int], None] = {}  # an ordered set
     while len(pairs) < n:
-        pairs[(sample_operand(rng), sample_operand(rng))] = None
+        pairs[draw()] = None
     return list(pairs)
 
 
@@ -56,6 +67,11 @@ class ArithmeticTask(MathTask):
     name: ClassVar[str] = "arithmetic"
 
     proposer_prompt: str = ARITHMETIC_PROPOSER_PROMPT
+    # Held-out set options, defaults = the reference. The tiny demo sets a uniform operand family
+    # ((low, high) inclusive, both or neither) and a short question wording with {a} and {b}.
+    heldout_a_range: tuple[int, int] | None = None
+    heldout_b_range: tuple[int, int] | None = None
+    question_template: str = MULTIPLICATION_TEMPLATE
 
     def parse_question(self, text: str) -> Question | None:
         text = text.strip()
@@ -64,6 +80,6 @@ class ArithmeticTask(MathTask):
     def heldout_problems(self, n: int, seed: int) -> list[tuple[Question, str]]:
         """``n`` multiplication problems, truth = the exact product as a decimal string."""
         return [
-            (Question(MULTIPLICATION_TEMPLATE.format(a=a, b=b)), str(a * b))
-            for a, b in multiplication_pairs(n, seed)
+            (Question(self.question_template.format(a=a, b=b)), str(a * b))
+            for a, b in multiplication_pairs(n, seed, self.heldout_a_range, self.heldout_b_range)
         ]

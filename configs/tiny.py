@@ -1,0 +1,46 @@
+"""The shipped default: SQLM on the shipped tiny model, on a laptop CPU in under 10 minutes.
+
+Everything else is the method as in the paper (majority vote, proposer band, GRPO with a KL term,
+proposer updated every few steps, questions generated online); sizes and learning rate are scaled to a
+~1M-parameter character-level model. See docs/results.md.
+"""
+from pathlib import Path
+
+from sqlm_jax.defaults import base_config
+
+TINY_MODEL = str(Path(__file__).resolve().parents[1] / "sqlm_jax" / "assets" / "tiny")
+
+
+def get_config():
+    c = base_config()
+    c.task = "arithmetic"
+    c.workdir = "runs/tiny"
+    c.model.path = TINY_MODEL
+    c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+    # The tiny model's own short prompts (a character model pays for every character) and problem
+    # family for the held-out set; self-play never sees its labels.
+    c.task_options.proposer_prompt = "Write a multiplication problem."
+    c.task_options.solver_instruction = "Solve:"
+    c.task_options.heldout_a_range = (100, 999)
+    c.task_options.heldout_b_range = (10, 99)
+    c.task_options.question_template = "{a}*{b}"
+
+    c.rollout.batch_size = 8
+    c.rollout.n = 4
+    c.rollout.max_prompt_len = 64
+    c.rollout.proposer_max_new_tokens = 16
+    c.rollout.solver_max_new_tokens = 96
+    c.rl.mini_batch_size = 8
+    c.rl.micro_batch_size = 32
+    c.rl.proposer_update_freq = 5
+    c.rl.kl_coef = 0.001
+    c.optim.lr = 3e-5
+    c.train.steps = 200
+    c.eval.every = 50
+    c.eval.num_problems = 1000
+    c.eval.batch_size = 500
+    c.eval.max_new_tokens = 96
+    c.eval.sampled_n = 0
+    c.checkpoint.every = 50
+    c.log.samples = 4
+    return c
