@@ -1,0 +1,207 @@
+"""The compiled train step's speed against this CPU's matmul peak, and where a self-play step spends its time.
+
+Part 1, the update alone: `train_step.train_step` (policy loss: PPO-clip + k3 KL, exact micro-batch
+accumulation, AdamW with clipping), jitted with the state donated as Trainer does, on --sequences
+sequences of --prompt-len prompt + --response-len response tokens, for each micro-batch size in
+--micro-batches. Each round times the float32 matmul peak (common.matmul_peak_flops) and then one step of
+every micro-batch size, so peak and steps see the same machine load; the table gives medians over
+--rounds. "of peak" is the median over rounds of (step FLOP/s) / (that round's peak), both per wall-clock
+second; "of peak per CPU second" divides FLOPs by the process's CPU time instead, on both sides, which
+other jobs on the machine disturb much less.
+
+Train FLOPs (`train_flops`) = 3 × forward (backward = 2 × forward), the forward counting matmuls only:
+  2 × (matmul weights per layer × layers) × every token   (q/k/v, o, gate/up, down)
+  + 2 × vocab × hidden × response tokens                   (the LM head runs on response positions only)
+  + 4 × layers × heads × head_dim × S² per sequence         (QKᵀ and PV over all S = prompt + response
+                                                              positions, dense as computed, mask applied after)
+i.e. 6 × params × tokens + attention. Embedding lookups, norms, softmax, the loss and the optimizer are not
+counted; their time is.
+
+Rows are split over every local device (common.data_mesh), weights replicated, in both parts: by default
+the CPU is one XLA device whose operations use all cores; XLA_FLAGS=--xla_force_host_platform_device_count=2
+makes one device per core (data parallelism across cores). The peak is one jnp.dot on the first device.
+
+Part 2, one full self-play step: Trainer.self_play_step on the arithmetic task with the tiny corpus's
+short prompts and the same model shape (random weights, the character tokenizer), B=--batch-size rows
+× n=--n proposals, n answers each, --new-tokens new tokens for both roles, both roles updated every
+step. It reports Trainer's own split (time/sampling, time/host_and_logprobs, time/update), medians over
+the steps after the first --compile-steps, whose time (mostly compilation) is reported separately.
+
+    python bench/train_step.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/train_step.py
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (add_model_args, data_mesh, machine_line, markdown_table, matmul_peak_flops,  # noqa: E402
+                    median, micro_batches, model_config, timed)
+
+from sqlm_jax import mesh as mesh_lib  # noqa: E402
+from sqlm_jax.defaults import base_config  # noqa: E402
+from sqlm_jax.models import ModelConfig, Transformer, save_pretrained  # noqa: E402
+from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, make_optimizer,  # noqa: E402
+                                 policy_loss_fn, train_step)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p)
+    g = p.add_argument_group("part 1: the update")
+    g.add_argument("--sequences", type=int, default=128, help="sequences per update")
+    g.add_argument("--prompt-len", type=int, default=32)
+    g.add_argument("--response-len", type=int, default=64)
+    g.add_argument("--micro-batches", default="8,16,32,64,128", help="micro-batch sizes to compare")
+    g.add_argument("--rounds", type=int, default=5)
+    g = p.add_argument_group("part 2: one self-play step")
+    g.add_argument("--batch-size", type=int, default=16, help="B: proposer rows per step")
+    g.add_argument("--n", type=int, default=4)
+    g.add_argument("--new-tokens", type=int, default=64)
+    g.add_argument("--micro-batch", type=int, default=16, help="Trainer's rl.micro_batch_size")
+    g.add_argument("--compile-steps", type=int, default=1)
+    g.add_argument("--steps", type=int, default=3, help="measured steps after the compile steps")
+    p.add_argument("--skip-self-play", action="store_true")
+    return p.parse_args()
+
+
+def train_flops(cfg: ModelConfig, sequences: int, prompt_len: int, response_len: int) -> float:
+    """FLOPs of one update (forward + backward) on `sequences` sequences; see the module docstring."""
+    d, dh, seq = cfg.hidden_size, cfg.head_dim, prompt_len + response_len
+    per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * dh + cfg.num_heads * dh * d \
+        + 3 * d * cfg.intermediate_size
+    forward = (2 * per_layer * cfg.num_layers * sequences * seq
+               + 2 * cfg.vocab_size * d * sequences * response_len
+               + 4 * cfg.num_layers * cfg.num_heads * dh * seq * seq * sequences)
+    return 3 * forward
+
+
+def random_batch(cfg: ModelConfig, sequences: int, prompt_len: int, response_len: int) -> RoleBatch:
+    """Full-length random prompts and responses, with advantages and log-probs of realistic size."""
+    rng = np.random.default_rng(0)
+    ids = lambda length: rng.integers(0, cfg.vocab_size, (sequences, length), dtype=np.int32)
+    ones = lambda length: np.ones((sequences, length), bool)
+    noise = lambda: rng.standard_normal((sequences, response_len)).astype(np.float32)
+    return RoleBatch(prompt_ids=ids(prompt_len), prompt_mask=ones(prompt_len), response_ids=ids(response_len),
+                     response_mask=ones(response_len), advantages=noise(),
+                     old_logp=np.log(1 / cfg.vocab_size) + 0.1 * noise(),
+                     ref_logp=np.log(1 / cfg.vocab_size) + 0.1 * noise(), old_values=noise(), returns=noise())
+
+
+def bench_update(args) -> None:
+    cfg, mesh = model_config(args), data_mesh()
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    params = jax.device_put(params, mesh_lib.replicated(mesh))
+    tx = make_optimizer(base_config().optim, total_updates=1000)
+    update = jax.jit(functools.partial(train_step, loss_fn=policy_loss_fn(graphdef, LossConfig()), tx=tx),
+                     donate_argnums=0)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    batch = random_batch(cfg, args.sequences, args.prompt_len, args.response_len)
+    micro_sizes = [int(m) for m in args.micro_batches.split(",")]
+    micro = {mb: micro_batches(batch, mb, mesh) for mb in micro_sizes}
+
+    def step(mb):
+        nonlocal state
+        state, metrics = update(state, micro[mb])
+        return metrics
+
+    compile_s = {mb: timed(step, mb)[1] for mb in micro_sizes}
+    peaks, walls, cpus = [], {mb: [] for mb in micro_sizes}, {mb: [] for mb in micro_sizes}
+    for _ in range(args.rounds):
+        peaks.append(matmul_peak_flops())
+        for mb in micro_sizes:
+            _, wall, cpu = timed(step, mb)
+            walls[mb].append(wall)
+            cpus[mb].append(cpu)
+
+    flops = train_flops(cfg, args.sequences, args.prompt_len, args.response_len)
+    tokens = args.sequences * (args.prompt_len + args.response_len)
+    rows = []
+    for mb in micro_sizes:
+        s = median(walls[mb])
+        of_peak = median([flops / t / p.per_second for t, p in zip(walls[mb], peaks)])
+        of_peak_cpu = median([flops / c / p.per_cpu_second for c, p in zip(cpus[mb], peaks)])
+        rows.append([f"{args.sequences // mb} x {mb}", f"{s * 1e3:.0f} ms", f"{median(cpus[mb]):.2f} s",
+                     f"{tokens / s:,.0f}", f"{flops / s / 1e9:.1f}", f"**{of_peak:.0%}**", f"{of_peak_cpu:.0%}",
+                     f"{compile_s[mb]:.1f} s"])
+    print(f"\n## Update: {cfg.num_params() / 1e6:.2f}M parameters (hidden {cfg.hidden_size}, {cfg.num_layers} "
+          f"layers, {cfg.num_heads} heads / {cfg.num_kv_heads} kv, MLP {cfg.intermediate_size}, vocab "
+          f"{cfg.vocab_size}); {args.sequences} sequences x ({args.prompt_len} + {args.response_len}) tokens "
+          f"= {tokens} tokens, {flops / 1e9:.1f} GFLOP per update")
+    wall_peaks, cpu_peaks = [p.per_second for p in peaks], [p.per_cpu_second for p in peaks]
+    print(f"float32 matmul peak (2048^3 jnp.dot), median of {args.rounds} rounds: "
+          f"{median(wall_peaks) / 1e9:.1f} GFLOP/s (min {min(wall_peaks) / 1e9:.1f}, max "
+          f"{max(wall_peaks) / 1e9:.1f}); per CPU second: {median(cpu_peaks) / 1e9:.1f} GFLOP\n")
+    print(markdown_table(["micro-batches x size", "step (median)", "CPU time", "tokens/s", "GFLOP/s",
+                          "of peak", "of peak per CPU second", "compile + first step"], rows))
+
+
+def self_play_steps(args, work: Path) -> tuple[ModelConfig, list[dict[str, float]]]:
+    """Runs compile_steps + steps self-play steps in `work`; returns the model config and each step's metrics."""
+    from sqlm_jax import tiny_corpus
+    from sqlm_jax.train import Trainer
+
+    tokenizer = tiny_corpus.build_tokenizer()
+    cfg = model_config(args, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    save_pretrained(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, work / "model")
+    tiny_corpus.save_tokenizer(tokenizer, work / "model")
+
+    c = base_config()
+    c.task, c.model.path, c.workdir = "arithmetic", str(work / "model"), str(work / "run")
+    c.task_options.proposer_prompt = tiny_corpus.PROPOSER_PROMPT
+    c.task_options.solver_instruction = tiny_corpus.SOLVER_INSTRUCTION
+    c.rollout.batch_size, c.rollout.n = args.batch_size, args.n
+    c.rollout.proposer_max_new_tokens = c.rollout.solver_max_new_tokens = args.new_tokens
+    c.rl.mini_batch_size, c.rl.micro_batch_size = args.batch_size, args.micro_batch
+    c.rl.proposer_update_freq = 1
+    c.mesh.data, c.mesh.fsdp = -1, 1  # as data_mesh(): weights replicated, rows split
+    c.train.steps = args.compile_steps + args.steps
+    trainer = Trainer(c)
+    steps = []
+    for i in range(c.train.steps):
+        metrics, wall, cpu = timed(trainer.self_play_step, i)
+        steps.append({**metrics, "time/total": wall, "cpu/total": cpu})
+    return cfg, steps
+
+
+def bench_self_play(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
+        cfg, steps = self_play_steps(args, Path(tmp))
+    warm = steps[args.compile_steps:]
+    total = median([m["time/total"] for m in warm])
+    rows = [[k.split("/")[1], f"{median([m[k] for m in warm]):.2f} s",
+             f"{median([m[k] / m['time/total'] for m in warm]):.0%}"]
+            for k in ["time/sampling", "time/host_and_logprobs", "time/update"]]
+    rows.append(["**total**", f"**{total:.2f} s**", f"CPU time {median([m['cpu/total'] for m in warm]):.2f} s"])
+    rows.append([f"first {args.compile_steps} step(s), with compilation",
+                 f"{sum(m['time/total'] for m in steps[:args.compile_steps]):.1f} s", ""])
+    length = lambda role: median([m[f"length/{role}"] for m in warm])
+    print(f"\n## One self-play step: {cfg.num_params() / 1e6:.2f}M parameters (vocab {cfg.vocab_size}, "
+          f"character tokenizer), B={args.batch_size}, n={args.n}: {args.batch_size * args.n} proposals + "
+          f"{args.batch_size * args.n ** 2} answers of <= {args.new_tokens} new tokens (mean lengths "
+          f"{length('proposer'):.0f} / {length('solver'):.0f}), both roles updated; median of {args.steps} "
+          f"steps after {args.compile_steps}\n")
+    print(markdown_table(["phase", "time", "share"], rows))
+
+
+def main():
+    args = parse_args()
+    print(machine_line())
+    bench_update(args)
+    if not args.skip_self_play:
+        bench_self_play(args)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

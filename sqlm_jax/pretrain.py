@@ -1,0 +1,260 @@
+"""The supervised warm start that makes the shipped tiny model (`sqlm_jax/assets/tiny`).
+
+    python -m sqlm_jax.pretrain --config=configs/tiny_pretrain.py
+
+Builds the character tokenizer, trains a small Qwen2-architecture decoder on the synthetic chat corpus
+of `tiny_corpus` (next-token loss on assistant tokens only, as instruction tuning does), writes it as a
+Hugging Face folder, then measures what self-play will start from: held-out greedy, sampled and
+majority-of-n accuracy, and the proposer's questions. Deterministic from `config.seed`.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import re
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from sqlm_jax import sampling, tiny_corpus
+from sqlm_jax.evaluate import evaluate
+from sqlm_jax.models.config import ModelConfig
+from sqlm_jax.models.hf import save_pretrained
+from sqlm_jax.models.transformer import Transformer
+from sqlm_jax.tasks import Question, get_task
+from sqlm_jax.tokenizer import Tokenizer, load_tokenizer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_pretrain.py", "warm-start config file")
+_QUESTION = re.compile(r"(\d+)\*(\d+)")
+
+
+def model_config(model_cfg, tokenizer) -> ModelConfig:
+    """A Qwen2 config (q/k/v biases on) sized by `model_cfg`, with the tokenizer's vocabulary."""
+    return ModelConfig(
+        architecture="Qwen2ForCausalLM", vocab_size=len(tokenizer), qkv_bias=True,
+        hidden_size=model_cfg.hidden_size, intermediate_size=model_cfg.intermediate_size,
+        num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
+        num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.hidden_size // model_cfg.num_heads,
+        rope_theta=model_cfg.rope_theta, tie_word_embeddings=model_cfg.tie_word_embeddings,
+        max_position_embeddings=model_cfg.max_position_embeddings,
+        eos_token_id=tokenizer.eos_token_id)
+
+
+def encode_chats(tokenizer, chats: list[tuple[str, str]], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens `[N, seq_len]` int32 (right-padded) and a loss mask `[N, seq_len]` bool.
+
+    Each row is the chat-templated user turn with its generation prompt, then the assistant's reply and
+    <|im_end|>. The mask is True on the reply and the stop token: the tokens the model must produce.
+    """
+    prompts = tokenizer.apply_chat_template([[{"role": "user", "content": u}] for u, _ in chats],
+                                           add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer([a for _, a in chats], add_special_tokens=False)["input_ids"]
+    stop = tokenizer.eos_token_id
+    tokens = np.full((len(chats), seq_len), tokenizer.pad_token_id, np.int32)
+    loss_mask = np.zeros((len(chats), seq_len), bool)
+    for row, (p, r) in enumerate(zip(prompt_ids, reply_ids)):
+        ids = p + r + [stop]
+        if len(ids) > seq_len:
+            raise ValueError(f"a chat of {len(ids)} tokens does not fit seq_len={seq_len}; raise it")
+        tokens[row, :len(ids)] = ids
+        loss_mask[row, len(p):len(ids)] = True
+    return tokens, loss_mask
+
+
+def next_token_loss(model: Transformer, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean cross-entropy of `tokens[:, 1:]` given their prefixes, over `loss_mask[:, 1:]` positions.
+
+    Rows are right-padded, so causal attention alone keeps padding out of every real token's view.
+    """
+    logits = model(tokens[:, :-1])  # [B, T-1, V]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay to 10% of the peak, after gradient clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, train_cfg.learning_rate, train_cfg.warmup_steps, train_cfg.steps,
+        end_value=0.1 * train_cfg.learning_rate)
+    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=train_cfg.weight_decay))
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation):
+    """One jitted step `(params, opt_state, tokens[B, T], loss_mask[B, T]) -> (params, opt_state, loss)`."""
+
+    def loss_of(params, tokens, loss_mask):
+        return next_token_loss(nnx.merge(graphdef, params), tokens, loss_mask)
+
+    @jax.jit
+    def step(params, opt_state, tokens, loss_mask):
+        loss, grads = jax.value_and_grad(loss_of)(params, tokens, loss_mask)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, num_batches: int, seed: int,
+                            pool: int = 16) -> list[np.ndarray]:
+    """`num_batches` index arrays `[batch_size]` over a seeded shuffle of the rows, wrapping around.
+
+    Each run of `pool` batches is sorted by length before it is cut, so a batch holds chats of similar
+    length and is trimmed to little padding; the batches are then shuffled again, so the order of
+    lengths carries no signal.
+    """
+    rng = np.random.default_rng(seed)
+    need = num_batches * batch_size
+    order = np.concatenate([rng.permutation(len(lengths)) for _ in range(-(-need // len(lengths)))])
+    batches = []
+    for start in range(0, need, pool * batch_size):
+        chunk = order[start:min(start + pool * batch_size, need)]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def warm_start(cfg: ModelConfig, tokens: np.ndarray, loss_mask: np.ndarray, train_cfg, seed: int,
+               log_every: int = 50) -> tuple[Transformer, list[tuple[int, float]]]:
+    """Trains a fresh model for `train_cfg.steps` steps on `tokens[N, T]`, in a seeded order.
+
+    Each batch is cut to its longest chat, rounded up to a multiple of 16 (a handful of compiled
+    shapes). Returns the model and `(step, loss)` every `log_every` steps.
+    """
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+    tx = make_optimizer(train_cfg)
+    opt_state = tx.init(params)
+    step = make_train_step(graphdef, tx)
+    lengths = loss_mask.shape[1] - np.argmax(loss_mask[:, ::-1], axis=1)  # last target + 1
+    batches = length_bucketed_batches(lengths, train_cfg.batch_size, train_cfg.steps, seed)
+    losses = []
+    bar = tqdm(batches, desc="warm start")
+    for i, rows in enumerate(bar):
+        width = min(-(-int(lengths[rows].max()) // 16) * 16, tokens.shape[1])
+        params, opt_state, loss = step(params, opt_state, tokens[rows, :width], loss_mask[rows, :width])
+        if i % log_every == 0 or i == train_cfg.steps - 1:
+            losses.append((i, float(loss)))
+            bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
+    return nnx.merge(graphdef, params), losses
+
+
+def evaluate_solver(model, tok: Tokenizer, task, problems, *, n: int, max_new_tokens: int,
+                    batch_size: int, seed: int) -> dict:
+    """Held-out accuracy: greedy, and over `n` samples at temperature 1 the mean and the majority's.
+
+    Also how often the n answers disagree (groups where majority-vote RL has a reward spread).
+    """
+    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, full=True)
+    greedy = evaluate(model, tok, task, problems, **kw)
+    sampled = evaluate(model, tok, task, problems, greedy=False, n=n, **kw)
+    agreement = []
+    for responses in sampled.responses:
+        answers = [task.parse_answer(r) for r in responses]
+        agreement.append(max(answers.count(a) for a in answers) / n)
+    return {
+        "num_problems": len(problems), "n": n,
+        "greedy_accuracy": greedy.accuracy,
+        "sampled_accuracy": sampled.sampled_accuracy,
+        "majority_accuracy": sampled.majority_accuracy,
+        "gap_majority_minus_greedy": sampled.majority_accuracy - greedy.accuracy,
+        "greedy_parse_rate": float(np.mean([task.parse_answer(r[0]) is not None
+                                            for r in greedy.responses])),
+        "mean_majority_agreement": float(np.mean(agreement)),
+        "disagreement_fraction": float(np.mean(np.asarray(agreement) < 1)),
+        "greedy_examples": [r[0] for r in greedy.responses[:5]],
+    }
+
+
+def evaluate_proposer(model, tok: Tokenizer, task, heldout_questions: set[str], *, num: int,
+                      max_new_tokens: int, seed: int, family: tiny_corpus.ProblemFamily) -> dict:
+    """What the proposer writes at temperature 1 from the topic prompt: validity, operands, overlap.
+
+    Valid: the question is exactly `a*b` with both operands in the corpus family's ranges.
+    """
+    prompt = tok.chat_prompt(task.proposer_prompt)
+    out = sampling.generate(model, [prompt], n=num, max_new_tokens=max_new_tokens, temperature=1.0,
+                            stop_ids=tok.stop_ids, pad_id=tok.pad_id, seed=seed)
+    texts = [tok.decode(r) for r in out.token_lists]
+    parsed = [task.parse_question(t) for t in texts]
+    operands = []
+    for q in parsed:
+        m = _QUESTION.fullmatch(q.text) if q is not None else None
+        if m:
+            a, b = int(m.group(1)), int(m.group(2))
+            if (family.a_range[0] <= a <= family.a_range[1]
+                    and family.b_range[0] <= b <= family.b_range[1]):
+                operands.append((a, b))
+    digits = collections.Counter(f"{len(str(a))}x{len(str(b))}" for a, b in operands)
+    return {
+        "num_proposals": num,
+        "valid_fraction": len(operands) / num,
+        "distinct_fraction": len(set(texts)) / num,
+        "heldout_overlap": sum(q is not None and q.text in heldout_questions for q in parsed) / num,
+        "operand_digits": {k: v / max(len(operands), 1) for k, v in sorted(digits.items())},
+        "a_mean": float(np.mean([a for a, _ in operands])) if operands else None,
+        "b_mean": float(np.mean([b for _, b in operands])) if operands else None,
+        "examples": texts[:8],
+    }
+
+
+def family_of(task) -> tiny_corpus.ProblemFamily:
+    """The corpus's problem family: the arithmetic task's held-out operand ranges and wording."""
+    if task.heldout_a_range is None:
+        raise ValueError("the tiny corpus needs task.heldout_a_range and task.heldout_b_range set")
+    return tiny_corpus.ProblemFamily(tuple(task.heldout_a_range), tuple(task.heldout_b_range),
+                                     task.question_template)
+
+
+def main(_):
+    config = _CONFIG.value
+    out_dir = Path(config.out_dir)
+    tokenizer = tiny_corpus.build_tokenizer()
+    task = get_task("arithmetic", **config.task)
+    family = family_of(task)
+    excluded = {q.text for q, _ in task.heldout_problems(config.corpus.exclude_heldout, config.eval.seed)}
+
+    start = time.time()
+    chats = tiny_corpus.chat_examples(
+        config.train.steps * config.train.batch_size, config.seed, family=family,
+        proposer_fraction=config.corpus.proposer_fraction, styles=tuple(config.corpus.styles),
+        proposer_prompt=task.proposer_prompt,
+        solver_prompt=lambda q: task.solver_prompt(Question(q)), exclude=excluded)
+    tokens, loss_mask = encode_chats(tokenizer, chats, config.train.seq_len)
+    cfg = model_config(config.model, tokenizer)
+    print(f"corpus: {len(chats)} chats, {int(loss_mask.sum())} target tokens; "
+          f"model: {cfg.num_params() / 1e6:.2f}M parameters")
+    model, losses = warm_start(cfg, tokens, loss_mask, config.train, config.seed)
+    train_seconds = time.time() - start
+
+    save_pretrained(model, cfg, out_dir)
+    tiny_corpus.save_tokenizer(tokenizer, out_dir)
+    tok = load_tokenizer(out_dir)
+    problems = task.heldout_problems(config.eval.num_problems, config.eval.seed)
+    metrics = {
+        "command": "python -m sqlm_jax.pretrain --config=configs/tiny_pretrain.py",
+        "train_seconds": round(train_seconds, 1),
+        "num_params": cfg.num_params(),
+        "losses": losses,
+        "solver": evaluate_solver(model, tok, task, problems, n=config.eval.n,
+                                  max_new_tokens=config.eval.max_new_tokens,
+                                  batch_size=config.eval.batch_size, seed=config.seed),
+        "proposer": evaluate_proposer(model, tok, task, {q.text for q, _ in problems},
+                                      num=config.eval.num_proposals, max_new_tokens=16,
+                                      seed=config.seed, family=family),
+    }
+    (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in metrics.items() if k != "losses"}, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
