@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax.models.transformer import LayerCache, Transformer, positions_from_mask
+from sqlm_jax.tokenizer import pad_left
 
 # Decoding is split into segments of about MIN_SEGMENT steps, at most MAX_SEGMENTS of them. Each segment
 # is one more copy of the decode step for XLA to compile (~0.5 s on the 2-core bench machine) and saves
@@ -105,17 +106,6 @@ def bucket_length(length: int) -> int:
     if length <= 512:
         return max(16, 1 << (length - 1).bit_length())
     return -(-length // 512) * 512
-
-
-def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts as `tokens[B, length]` int32 and `mask[B, length]` bool, padded on the left."""
-    tokens = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), bool)
-    for row, prompt in enumerate(prompts):
-        if len(prompt):
-            tokens[row, -len(prompt):] = prompt
-            mask[row, -len(prompt):] = True
-    return tokens, mask
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
@@ -284,7 +274,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature),
                             top_k=int(top_k), top_p=float(top_p), n=int(n),
                             stop_ids=tuple(int(i) for i in stop_ids), pad_id=int(pad_id))
-    tokens, mask = left_pad(prompts, bucket_length(max(map(len, prompts))), pad_id)
+    tokens, mask = pad_left(prompts, pad_id, bucket_length(max(map(len, prompts))))
     graphdef, weights = nnx.split(model)
     out = _sample(graphdef, weights, _put_rows(tokens, mesh), _put_rows(mask, mesh),
                   jax.random.key(seed), params=params, mesh=mesh)
