@@ -1,9 +1,13 @@
 """The compiled pieces of a PPO update: sequence log-probs, the loss, and one optimizer step.
 
 A role's batch (`RoleBatch`) holds N sequences: a left-padded prompt `[N, P]` and a right-padded
-response `[N, R]`. Everything here is a pure function of (params, batch); `Trainer` in train.py owns
-the jitted, sharded versions. Micro-batches come pre-split on the host as a leading axis `[M, mb, ...]`
-so gradient accumulation is one `lax.scan`, exact because losses travel as (sum, token count).
+response `[N, R]`. Rows come in groups of `prompt_group` consecutive rows that share one prompt (the n
+samples of a prompt); the prompt then runs through the model once per group, its keys and values are
+repeated for the group's rows, and only the responses run per row (`response_hidden`): the same
+log-probs, losses and gradients as one full pass per row, with less work. Everything here is a pure
+function of (params, batch); `Trainer` in train.py owns the jitted, sharded versions. Micro-batches come
+pre-split on the host as a leading axis `[M, mb, ...]` so gradient accumulation is one `lax.scan`, exact
+because losses travel as (sum, token count).
 """
 from __future__ import annotations
 
@@ -33,6 +37,9 @@ class RoleBatch:
     ref_logp: jax.Array        # [N, R] log-probs under the frozen reference (zeros when KL is off)
     old_values: jax.Array      # [N, R] critic values before the step's first update (GAE only)
     returns: jax.Array         # [N, R] GAE returns, the critic's targets (GAE only)
+    # Rows g·k … g·k+g-1 share one prompt (g = prompt_group; 1: no sharing assumed). Static: part of the
+    # pytree structure, so jit compiles one program per value. Micro-batches must hold whole groups.
+    prompt_group: int = flax.struct.field(pytree_node=False, default=1)
 
 
 @flax.struct.dataclass
@@ -76,19 +83,37 @@ def make_optimizer(optim_cfg, total_updates: int) -> optax.GradientTransformatio
     )
 
 
-def response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:
-    """Hidden states `[N, R, D]` at the positions that predict each response token."""
-    ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    hidden, _ = model.hidden_states(ids, positions_from_mask(mask), mask)
+def response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask, prompt_group: int = 1
+                    ) -> jax.Array:
+    """Hidden states `[N, R, D]` at the positions that predict each response token.
+
+    With `prompt_group` g > 1, rows g·k … g·k+g-1 must share one prompt: the prompt of each group runs
+    once through the model's KV-cache path, its keys and values are repeated for the group's g rows, and
+    the responses run against them. Same result as g = 1 (one full pass per row) up to float rounding,
+    gradients included (they flow back through the repeat into the one prompt pass).
+    """
     p, r = prompt_ids.shape[1], response_ids.shape[1]
-    return hidden[:, p - 1:p + r - 1]
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)  # [N, P + R]
+    positions = positions_from_mask(mask)
+    if prompt_group == 1:
+        hidden, _ = model.hidden_states(jnp.concatenate([prompt_ids, response_ids], axis=1), positions, mask)
+        return hidden[:, p - 1:p + r - 1]
+    n, g = prompt_ids.shape[0], prompt_group
+    if n % g:
+        raise ValueError(f"{n} rows do not split into prompt groups of {g}: micro-batches must hold whole groups")
+    first = lambda x: x.reshape((n // g, g) + x.shape[1:])[:, 0]  # each group's first row [N/g, ...]
+    prompt_hidden, cache = model.hidden_states(first(prompt_ids), first(positions)[:, :p], first(mask),
+                                               model.init_cache(n // g, p + r), 0)
+    cache = jax.tree.map(lambda x: jnp.repeat(x, g, axis=0), cache)
+    hidden, _ = model.hidden_states(response_ids, positions[:, p:], mask, cache, p)  # [N, R, D]
+    # Left padding puts every prompt's last token at P-1: its hidden state predicts response token 0.
+    return jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], g, axis=0), hidden[:, :-1]], axis=1)
 
 
 def response_logits(model, batch: RoleBatch) -> jax.Array:
     """Logits `[N, R, V]` that predict each response token (the prompt's logits are never built)."""
-    return model.logits(response_hidden(model, batch.prompt_ids, batch.prompt_mask,
-                                        batch.response_ids, batch.response_mask))
+    return model.logits(response_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                        batch.response_mask, batch.prompt_group))
 
 
 def response_logprobs(model, batch: RoleBatch) -> jax.Array:
@@ -117,7 +142,8 @@ def policy_loss(model, batch: RoleBatch, loss_cfg: LossConfig) -> tuple[jax.Arra
 
 def value_loss(critic, batch: RoleBatch, value_clip: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(clipped value loss sum, metric sums incl. "tokens") of the critic on one micro-batch."""
-    values = critic.values(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
+    values = critic.values(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
+                           batch.prompt_group)
     loss_sum, count, metrics = rl.value_loss(values, batch.old_values, batch.returns,
                                              batch.response_mask, clip=value_clip)
     return loss_sum, {"tokens": count, "value_loss": loss_sum, **metrics}
@@ -176,5 +202,5 @@ def batch_values(graphdef, params, micro_batches: RoleBatch) -> jax.Array:
     """Critic values `[M, mb, R]` for every micro-batch, before any update of the step."""
     def one(mb):
         critic = nnx.merge(graphdef, params)
-        return critic.values(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
+        return critic.values(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask, mb.prompt_group)
     return jax.lax.map(one, micro_batches)

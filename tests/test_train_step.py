@@ -1,4 +1,5 @@
-"""The compiled update: exact micro-batch accumulation, and GRPO moving probability toward reward."""
+"""The compiled update: exact micro-batch accumulation, GRPO moving probability toward reward, and the
+shortcuts that must not change it (a shared prompt pass per group, trimmed prompt padding)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ from flax import nnx
 from sqlm_jax import rl
 from sqlm_jax.models import ModelConfig, Transformer
 from sqlm_jax.models.critic import Critic
+from sqlm_jax.train import check_prompt_groups, trim_prompt_padding
 from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, accumulate_gradients, batch_logprobs,
                                  policy_loss_fn, train_step, value_loss_fn)
 
@@ -34,25 +36,35 @@ def _split(batch: RoleBatch, micro: int) -> RoleBatch:
     return jax.tree.map(lambda x: jnp.asarray(x).reshape((-1, micro) + x.shape[1:]), batch)
 
 
-@pytest.mark.parametrize("which", ["policy", "critic"])
-def test_micro_batch_accumulation_equals_one_big_batch(which):
-    policy = Transformer(CFG, rngs=nnx.Rngs(0))
+def _grads(which, seed=0):
+    """(params, jitted gradient of the policy's or the critic's loss over micro-batches)."""
+    policy = Transformer(CFG, rngs=nnx.Rngs(seed))
     model = policy if which == "policy" else Critic(policy)
     graphdef, params = nnx.split(model)
     if which == "critic":  # a non-zero head, so the value gradients are not trivially zero
         params["value_head"].set_value(0.1 * jnp.ones(CFG.hidden_size))
     loss_fn = (policy_loss_fn(graphdef, LossConfig()) if which == "policy"
                else value_loss_fn(graphdef, value_clip=0.5))
+    return params, jax.jit(lambda p, b: accumulate_gradients(loss_fn, p, b))
+
+
+def _assert_same_update(a, b, tol=1e-5):
+    (grads_a, metrics_a), (grads_b, metrics_b) = a, b
+    diffs = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.max(jnp.abs(x - y)), grads_a, grads_b))
+    assert max(diffs) < tol
+    assert float(optax.tree.norm(grads_a)) > 1e-3  # the comparison is not between two zeros
+    assert metrics_a.keys() == metrics_b.keys()
+    for k in metrics_a:
+        np.testing.assert_allclose(metrics_a[k], metrics_b[k], rtol=max(tol, 1e-5), atol=tol)
+
+
+@pytest.mark.parametrize("which", ["policy", "critic"])
+def test_micro_batch_accumulation_equals_one_big_batch(which):
+    params, accumulate = _grads(which)
     batch = _batch()
-    accumulate = jax.jit(lambda p, b: accumulate_gradients(loss_fn, p, b))
-    big, big_metrics = accumulate(params, _split(batch, 8))
-    small, small_metrics = accumulate(params, _split(batch, 2))
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), big, small))
-    assert max(diffs) < 1e-6
-    assert float(optax.tree.norm(big)) > 1e-3  # the comparison is not between two zeros
-    assert float(big_metrics["tokens"]) == batch.response_mask.sum() == float(small_metrics["tokens"])
-    for k in big_metrics:
-        np.testing.assert_allclose(big_metrics[k], small_metrics[k], rtol=1e-5, atol=1e-6)
+    big, small = accumulate(params, _split(batch, 8)), accumulate(params, _split(batch, 2))
+    _assert_same_update(big, small, tol=1e-6)
+    assert float(big[1]["tokens"]) == batch.response_mask.sum()
 
 
 def test_grpo_update_raises_the_rewarded_answer_and_lowers_the_other():
@@ -76,3 +88,63 @@ def test_grpo_update_raises_the_rewarded_answer_and_lowers_the_other():
     after = logp(state.params)
     assert after[0] > before[0] + 1e-3 and after[1] < before[1] - 1e-3
     assert int(state.step) == 1 and float(metrics["grad_norm"]) > 0
+
+
+def _share_prompts(batch: RoleBatch, group: int) -> RoleBatch:
+    """`batch` with rows g·k … g·k+g-1 given row g·k's prompt (g = `group`)."""
+    first = lambda x: np.repeat(np.asarray(x)[::group], group, axis=0)
+    return batch.replace(prompt_ids=first(batch.prompt_ids), prompt_mask=first(batch.prompt_mask))
+
+
+@pytest.mark.parametrize("which", ["policy", "critic"])
+def test_shared_prompt_pass_gives_the_full_pass_loss_and_gradients(which):
+    """Groups of 4 rows share a prompt (each group its own left padding); micro-batches of 4 and 8."""
+    params, accumulate = _grads(which)
+    batch = _share_prompts(_batch(), 4)
+    full = accumulate(params, _split(batch, 8))
+    for micro in (4, 8):
+        _assert_same_update(full, accumulate(params, _split(batch.replace(prompt_group=4), micro)))
+
+
+def test_shared_prompt_pass_runs_each_groups_first_prompt():
+    """With prompt_group 4, rows get the log-probs of their responses after their group's first prompt:
+    the prompt really runs once per group (this batch's rows have different prompt tokens; the masks,
+    which also give each row's positions, are shared)."""
+    graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
+    logprobs = jax.jit(lambda b: batch_logprobs(graphdef, params, b))
+    batch = _batch()
+    batch = batch.replace(prompt_mask=_share_prompts(batch, 4).prompt_mask)
+    grouped = np.asarray(logprobs(_split(batch.replace(prompt_group=4), 8)))
+    np.testing.assert_allclose(grouped, np.asarray(logprobs(_split(_share_prompts(batch, 4), 8))), atol=1e-5)
+    assert np.abs(grouped - np.asarray(logprobs(_split(batch, 8)))).max() > 1e-3
+    with pytest.raises(ValueError, match="prompt groups of 3"):
+        logprobs(_split(batch.replace(prompt_group=3), 8))
+
+
+def test_check_prompt_groups():
+    batch = _batch()
+    check_prompt_groups(batch.prompt_ids, batch.prompt_mask, 1)
+    shared = _share_prompts(batch, 4)
+    check_prompt_groups(shared.prompt_ids, shared.prompt_mask, 4)
+    with pytest.raises(ValueError, match="do not share one prompt"):
+        check_prompt_groups(batch.prompt_ids, batch.prompt_mask, 4)
+
+
+def test_trimming_all_padding_prompt_columns_keeps_the_loss():
+    """Prompts of <= 5 tokens left-padded to 45 columns: trimmed to 16, the same loss and gradients."""
+    params, accumulate = _grads("policy")
+    batch = _share_prompts(_batch(), 2)
+    pad = lambda x, value: np.concatenate([np.full((x.shape[0], 40), value, x.dtype), x], axis=1)
+    padded = batch.replace(prompt_ids=pad(batch.prompt_ids, 0), prompt_mask=pad(batch.prompt_mask, False))
+    ids, mask = trim_prompt_padding(padded.prompt_ids, padded.prompt_mask)
+    assert ids.shape == mask.shape == (8, 16)
+    np.testing.assert_array_equal(ids[:, -5:], batch.prompt_ids)
+    assert not mask[:, :11].any()
+    trimmed = padded.replace(prompt_ids=ids, prompt_mask=mask)
+    full = accumulate(params, _split(padded, 4))
+    _assert_same_update(full, accumulate(params, _split(trimmed, 4)))
+    _assert_same_update(full, accumulate(params, _split(trimmed.replace(prompt_group=2), 4)))
+    # A prompt of 17 real tokens keeps 32 columns; a width already within the multiple stays as it is.
+    wide = np.arange(40)[None, :] >= 23
+    assert trim_prompt_padding(np.zeros((1, 40)), wide)[1].shape == (1, 32)
+    assert trim_prompt_padding(np.zeros((1, 20)), np.arange(20)[None, :] >= 3)[1].shape == (1, 20)

@@ -21,6 +21,9 @@ class Critic(nnx.Module):
         d = trunk.config.hidden_size
         self.value_head = nnx.Param(jnp.zeros((d,), jnp.dtype(trunk.config.param_dtype)), axes=("embed",))
 
-    def values(self, prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:
-        hidden = response_hidden(self.trunk, prompt_ids, prompt_mask, response_ids, response_mask)
+    def values(self, prompt_ids, prompt_mask, response_ids, response_mask, prompt_group: int = 1
+               ) -> jax.Array:
+        """Values `[N, R]`; `prompt_group` as in train_step.response_hidden (rows sharing a prompt)."""
+        hidden = response_hidden(self.trunk, prompt_ids, prompt_mask, response_ids, response_mask,
+                                 prompt_group)
         return (hidden @ self.value_head[...].astype(hidden.dtype)).astype(jnp.float32)
