@@ -76,6 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
         "ppo_epochs": 1,
         "mini_batch_size": 32,       # prompt rows per optimizer update (× n sequences)
         "micro_batch_size": 16,      # sequences per gradient-accumulation step (memory knob only)
+        # Speed knobs; neither changes the loss. shared_prompt_pass: the samples of one prompt share one
+        # pass over it in the update and the log-prob passes. reuse_sampler_logprobs: the old log-probs
+        # are the sampler's own (same weights) instead of a forward pass, when sampling at temperature
+        # 1 without top-k / top-p.
+        "shared_prompt_pass": True,
+        "reuse_sampler_logprobs": True,
         "proposer_update_freq": 5,   # update on the proposer batch every this many steps (0 = never)
         "gamma": 1.0,
         "lam": 1.0,

@@ -4,7 +4,8 @@ One step (SQLM_SPEC "One training step"):
   1. the proposer samples B·n questions from one topic prompt (prefilled once);
   2. the task parses them; the solver samples n answers to each (B·n·n answers);
   3. rewards: majority vote (math), unit tests in the sandbox (coding) or format-only (ablation);
-  4. old and reference log-probs of both batches under the weights before any update of this step;
+  4. old and reference log-probs of both batches under the weights before any update of this step
+     (the old ones are the sampler's own when rl.reuse_sampler_logprobs applies: the same weights);
   5. GRPO advantages per group (a proposer group: one row's n proposals; a solver group: the n
      answers to one question);
   6. PPO updates on the solver batch every step, on the proposer batch every `proposer_update_freq`.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import time
@@ -50,6 +52,39 @@ from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, batch_logpro
 def step_seed(seed: int, step: int, stream: int) -> int:
     """A sampling seed that depends only on (run seed, step, stream): resumed runs redraw the same."""
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
+
+
+def trim_prompt_padding(prompt_ids: np.ndarray, prompt_mask: np.ndarray, multiple: int = 16
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompts `[N, P]` without the leading columns that are padding in every row.
+
+    The sampler pads prompts to a bucketed length; the update would spend that work on pad tokens. The
+    width kept is the longest prompt rounded up to a multiple of `multiple` (at most P), so a run
+    compiles few shapes. Positions come from the mask, so log-probs and losses are unchanged.
+    """
+    p = prompt_mask.shape[1]
+    used = p - int(np.argmax(prompt_mask.any(axis=0)))  # from the first column any row uses
+    keep = min(p, -(-used // multiple) * multiple)
+    return prompt_ids[:, p - keep:], prompt_mask[:, p - keep:]
+
+
+def prompt_group_size(samples_per_prompt: int, rows_per_device: int) -> int:
+    """The largest group of consecutive rows that answer one prompt (runs of `samples_per_prompt`) and
+    divides a micro-batch's `rows_per_device`: groups never span two prompts, devices or micro-batches."""
+    return math.gcd(samples_per_prompt, rows_per_device)
+
+
+def check_prompt_groups(prompt_ids: np.ndarray, prompt_mask: np.ndarray, group: int) -> None:
+    """Raises unless rows g·k … g·k+g-1 (g = `group`) share one prompt, as RoleBatch.prompt_group says."""
+    if group == 1:
+        return
+    if prompt_ids.shape[0] % group:
+        raise ValueError(f"{prompt_ids.shape[0]} rows do not split into prompt groups of {group}")
+    for x in (prompt_ids, prompt_mask):
+        grouped = x.reshape((-1, group) + x.shape[1:])
+        if not (grouped == grouped[:, :1]).all():
+            raise ValueError(f"rows in a group of {group} do not share one prompt; set "
+                             "rl.shared_prompt_pass=False or keep each prompt's samples together")
 
 
 class StopFlag:
@@ -89,7 +124,8 @@ class Trainer:
         self.task = get_task(c.task, **{k: v for k, v in c.task_options.items() if v is not None})
         self.reward_kind = self.task.reward if c.reward.kind == "auto" else c.reward.kind
         self.mesh = mesh_lib.make_mesh(dict(c.mesh))
-        validate(c, num_batch_devices=self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        self.num_batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        validate(c, num_batch_devices=self.num_batch_devices)
         # Refuse up front, with the per-device table, a run that cannot fit (before any weight loads).
         plan.check_fits(c, plan.load_model_config(c), dict(self.mesh.shape), plan.local_device_bytes())
         model, self.model_config = load_pretrained(
@@ -219,15 +255,30 @@ class Trainer:
                                    config=sandbox.SandboxConfig(allow_unisolated_fallback=c.allow_unisolated_sandbox))
         return np.array([[r.fraction] + [r.statuses.count(s) for s in sandbox.STATUSES] for r in results])
 
-    def _role_batch(self, out, row_mask: np.ndarray) -> RoleBatch:
-        """A RoleBatch from sampler output, `row_mask[N]` dropping whole rows from every loss."""
+    def _prompt_group(self, samples_per_prompt: int) -> int:
+        """Rows of a role batch that share one prompt pass in the update (1: shared_prompt_pass off).
+
+        Consecutive rows that answer one prompt (the solver's n answers to a question; the proposer's
+        B·n proposals, all from the one topic prompt), in groups that also divide a micro-batch's rows
+        on one device, so a group never spans two devices or two micro-batches.
+        """
+        if not self.config.rl.shared_prompt_pass:
+            return 1
+        return prompt_group_size(samples_per_prompt, self.config.rl.micro_batch_size // self.num_batch_devices)
+
+    def _role_batch(self, out, row_mask: np.ndarray, prompt_group: int) -> RoleBatch:
+        """A RoleBatch from sampler output, `row_mask[N]` dropping whole rows from every loss, the prompt
+        columns that are padding in every row cut (trim_prompt_padding)."""
         prompt_ids, prompt_mask, response_ids, mask = mesh_lib.to_host(
             (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask))
+        prompt_ids, prompt_mask = trim_prompt_padding(prompt_ids, prompt_mask)
+        check_prompt_groups(prompt_ids, prompt_mask, prompt_group)
         mask = mask & row_mask[:, None]
         zeros = np.zeros(mask.shape, np.float32)
         return RoleBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                          response_ids=response_ids, response_mask=mask, advantages=zeros,
-                         old_logp=zeros, ref_logp=zeros, old_values=zeros, returns=zeros)
+                         old_logp=zeros, ref_logp=zeros, old_values=zeros, returns=zeros,
+                         prompt_group=prompt_group)
 
     def with_advantages(self, batch: RoleBatch, rewards: np.ndarray, group_size: int) -> RoleBatch:
         """GRPO: group-normalised sequence rewards on every token. GAE: the reward on the last
@@ -257,11 +308,27 @@ class Trainer:
 
         return jax.tree.map(split, batch)
 
-    def fill_logprobs(self, batch: RoleBatch) -> RoleBatch:
-        """Old (current weights) and reference log-probs, and critic values, before any update."""
+    @property
+    def reuses_sampler_logprobs(self) -> bool:
+        """Whether the old log-probs are the sampler's (rl.reuse_sampler_logprobs, and sampling at
+        temperature 1 without top-k / top-p) rather than a forward pass under the same weights."""
+        c = self.config
+        return bool(c.rl.reuse_sampler_logprobs and c.rollout.temperature == 1 and c.rollout.top_k == 0
+                    and c.rollout.top_p == 1)
+
+    def fill_logprobs(self, batch: RoleBatch, sampler_logprobs=None) -> RoleBatch:
+        """Old and reference log-probs, and critic values, before any update of the step.
+
+        The old log-probs are `sampler_logprobs` `[N, R]` when given: the sampler's log-probs of its
+        tokens, recorded under the weights it sampled with, which are the current weights (every role
+        samples before the step's first update). Otherwise a forward pass under the current weights.
+        """
         micro = self._micro_batches(batch)
         flat = lambda x: mesh_lib.to_host(x).reshape(batch.response_ids.shape)
-        old = flat(self._logprobs(self.state.params, micro))
+        if sampler_logprobs is not None:
+            old = np.where(batch.response_mask, mesh_lib.to_host(sampler_logprobs), 0.0).astype(np.float32)
+        else:
+            old = flat(self._logprobs(self.state.params, micro))
         ref = flat(self._logprobs(self.ref_params, micro)) if self.ref_params is not None else old * 0
         values = flat(self._values(self.critic_state.params, micro)) if self.critic_state else old * 0
         return batch.replace(old_logp=old, ref_logp=ref, old_values=values)
@@ -322,14 +389,19 @@ class Trainer:
 
         answers = [self.tokenizer.decode(t) for t in sol_out.token_lists]
         solver_r, proposer_r, metrics = self.score_answers(questions, answers)
-        solver_batch = self.with_advantages(
-            self.fill_logprobs(self._role_batch(sol_out, np.repeat(valid, n))), solver_r.reshape(-1), n)
+        sampler_logprobs = lambda out: out.logprobs if self.reuses_sampler_logprobs else None
+        solver_batch = self._role_batch(sol_out, np.repeat(valid, n), self._prompt_group(n))
+        solver_batch = self.with_advantages(self.fill_logprobs(solver_batch, sampler_logprobs(sol_out)),
+                                            solver_r.reshape(-1), n)
         train_proposer = (prop_out is not None and c.rl.proposer_update_freq > 0
                           and (step + 1) % c.rl.proposer_update_freq == 0)
         if train_proposer:
             keep = valid if c.reward.invalid_proposals == "mask" else np.ones_like(valid)
-            proposer_batch = self.with_advantages(
-                self.fill_logprobs(self._role_batch(prop_out, keep)), proposer_r, n)
+            # One topic prompt for every proposer row (propose), sampled with the same weights as the
+            # solver's answers: the step's starting weights.
+            proposer_batch = self._role_batch(prop_out, keep, self._prompt_group(len(valid)))
+            proposer_batch = self.with_advantages(self.fill_logprobs(proposer_batch, sampler_logprobs(prop_out)),
+                                                  proposer_r, n)
         t_host = time.perf_counter()
 
         metrics.update({f"solver/{k}": v for k, v in self.update(solver_batch, n).items()})

@@ -70,6 +70,43 @@ def test_resume_is_bit_for_bit(policy_folder, tmp_path):
     assert not np.array_equal(np.asarray(start.embed[...]), a[("embed",)])
 
 
+def test_update_shortcuts_give_the_plain_first_update(policy_folder, tmp_path):
+    """The Trainer's proposer batch with its shortcuts (old log-probs from the sampler, prompt padding
+    trimmed, one prompt pass per group of 2 rows) and the same batch without them (old log-probs
+    recomputed, the sampler's padded width, a pass per row): the same log-probs and the same update."""
+    config = tiny_run_config(policy_folder, tmp_path / "run")
+    config.rollout.batch_size = config.rl.mini_batch_size = 8
+    config.rl.micro_batch_size = 16  # 2 rows per device: prompt groups of 2
+    trainer = Trainer(config)
+    assert trainer.reuses_sampler_logprobs
+    out, _, _ = trainer.propose(0)
+    rows = out.tokens.shape[0]
+    assert trainer._prompt_group(rows) == 2
+    fast = trainer._role_batch(out, np.ones(rows, bool), trainer._prompt_group(rows))
+    full_width = np.asarray(out.prompt_mask).shape[1]
+    assert fast.prompt_ids.shape[1] % 16 == 0 and fast.prompt_ids.shape[1] < full_width  # trimmed
+    plain = fast.replace(prompt_ids=np.asarray(out.prompt_tokens), prompt_mask=np.asarray(out.prompt_mask),
+                         prompt_group=1)
+    rewards = np.random.default_rng(0).random(rows)
+    fast = trainer.with_advantages(trainer.fill_logprobs(fast, out.logprobs), rewards, config.rollout.n)
+    plain = trainer.with_advantages(trainer.fill_logprobs(plain), rewards, config.rollout.n)
+    assert np.abs(plain.old_logp).sum() > 1 and fast.response_mask.sum() > rows
+    for field in ("old_logp", "ref_logp"):
+        np.testing.assert_allclose(getattr(fast, field), getattr(plain, field), atol=2e-5)
+
+    start = jax.tree.map(jnp.copy, trainer.state)
+    fast_metrics, fast_params = trainer.update(fast, config.rollout.n), _params(trainer)
+    trainer.state = start
+    plain_metrics, plain_params = trainer.update(plain, config.rollout.n), _params(trainer)
+    for k in plain_metrics:
+        np.testing.assert_allclose(fast_metrics[k], plain_metrics[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    worst = max(np.abs(fast_params[k] - plain_params[k]).max() for k in plain_params)
+    assert worst < 1e-2 * config.optim.lr, worst
+
+    trainer.config.rollout.temperature = 0.7  # the sampler's tokens, not its log-probs' distribution
+    assert not trainer.reuses_sampler_logprobs
+
+
 def test_existing_checkpoints_without_resume_is_refused(policy_folder, tmp_path):
     Trainer(tiny_run_config(policy_folder, tmp_path / "run", steps=1)).run()
     with pytest.raises(FileExistsError, match="resume=True"):
