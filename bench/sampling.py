@@ -10,40 +10,34 @@ transformers' interleaved so a busy machine slows both alike.
 
 Columns: tokens/s (new tokens only), the ratio to transformers, our decode FLOP rate (matmul and
 attention FLOPs of the decode steps over decode time = full run minus a prefill-only run) as a fraction
-of the float32 matmul peak measured here with a jitted 2048³ matmul, and compile time (first call minus
+of the float32 matmul peak measured here (common.matmul_peak_flops: the best of --reps jitted 2048³
+matmuls), and compile time (first call minus
 a steady call: tracing + XLA compile of every shape the call needs).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
-import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
 
-from sqlm_jax import sampling
-from sqlm_jax.models import load_pretrained
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import matmul_peak_flops, timed  # noqa: E402
+
+from sqlm_jax import sampling  # noqa: E402
+from sqlm_jax.models import load_pretrained  # noqa: E402
 
 CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
-def matmul_peak(size: int = 2048, reps: int = 10) -> float:
-    """Best float32 FLOP/s of a jitted `[size, size] @ [size, size]`."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    return 2 * size ** 3 / min(_timed(lambda: matmul(a).block_until_ready()) for _ in range(reps))
-
-
 def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    """Wall-clock seconds of `fn()` (common.timed, which also waits for JAX arrays it returns)."""
+    return timed(fn)[1]
 
 
 def decode_flops(cfg, rows: int, prompt: int, new: int) -> float:
@@ -100,7 +94,7 @@ def main():
     folder = tempfile.mkdtemp(prefix="bench_sampling_")
     transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**CONFIG)).save_pretrained(folder)
     runner = Runner(folder)
-    peak = matmul_peak()
+    peak = matmul_peak_flops(calls=args.reps).per_second
     print(f"model: {runner.cfg.num_params() / 1e6:.1f}M params; prompt {args.prompt}, {args.new} new tokens; "
           f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s; torch threads {torch.get_num_threads()}")
     print(f"{'case':<18}{'ours tok/s':>11}{'HF tok/s':>10}{'ratio':>7}{'decode GFLOP/s':>16}"
