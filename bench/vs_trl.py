@@ -7,9 +7,12 @@ GRPO advantages from a dummy reward (seeded random numbers), and one AdamW updat
 learning rate) over all the completions, the loss a token mean over the whole batch on both sides.
 
   ours: sampling.generate(n) -> reference log-probs (jitted train_step.batch_logprobs) -> rl.grpo_advantages
-        -> one jitted train_step, the state donated, micro-batches of --micro-batch. The old log-probs
-        are the sampler's own (exact at temperature 1, no top-k/p); --recompute-old-logprobs adds the
-        forward pass that Trainer.fill_logprobs does today. Rows are split over every local device
+        -> one jitted train_step, the state donated, micro-batches of --micro-batch, as Trainer does
+        with its defaults: the old log-probs are the sampler's own (rl.reuse_sampler_logprobs; exact at
+        temperature 1, no top-k/p), all-padding prompt columns trimmed (train.trim_prompt_padding; none
+        here), and the n samples of a prompt share one pass over it (RoleBatch.prompt_group = n,
+        rl.shared_prompt_pass) in the reference pass and the update. --recompute-old-logprobs and
+        --no-shared-prompt-pass switch those off. Rows are split over every local device
         (common.data_mesh): by default the CPU is one device; with
         XLA_FLAGS=--xla_force_host_platform_device_count=2 it is one device per core.
   TRL:  GRPOTrainer, per_device_train_batch_size=--trl-batch with gradient accumulation up to all the
@@ -26,7 +29,7 @@ each TRL optimizer step, so both see the same machine load. The first --warmup i
 
     pip install -e .[bench]   # torch, trl
     python bench/vs_trl.py
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/vs_trl.py --micro-batch 32
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/vs_trl.py
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ from sqlm_jax import rl  # noqa: E402
 from sqlm_jax.defaults import base_config  # noqa: E402
 from sqlm_jax.models import load_pretrained  # noqa: E402
 from sqlm_jax.sampling import generate  # noqa: E402
+from sqlm_jax.train import prompt_group_size, trim_prompt_padding  # noqa: E402
 from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, batch_logprobs,  # noqa: E402
                                  make_optimizer, policy_loss_fn, train_step)
 
@@ -67,10 +71,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--kl-coef", type=float, default=0.04, help="beta (TRL) = kl_coef (ours), k3 estimator")
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--micro-batch", type=int, default=16, help="our sequences per gradient-accumulation step")
+    p.add_argument("--micro-batch", type=int, default=32, help="our sequences per gradient-accumulation step")
     p.add_argument("--trl-batch", type=int, default=32, help="TRL per_device_train_batch_size")
     p.add_argument("--recompute-old-logprobs", action="store_true",
-                   help="ours: old log-probs by a forward pass (as Trainer does), not from the sampler")
+                   help="ours: old log-probs by a forward pass (rl.reuse_sampler_logprobs=False)")
+    p.add_argument("--no-shared-prompt-pass", action="store_true",
+                   help="ours: one pass per row over prompt and response (rl.shared_prompt_pass=False)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
@@ -125,6 +131,8 @@ class OurGRPO:
         self.state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                                   opt_state=tx.init(p)))(params)
         self.rng = np.random.default_rng(args.seed)
+        self.prompt_group = 1 if args.no_shared_prompt_pass else \
+            prompt_group_size(args.n, args.micro_batch // self.mesh.devices.size)  # as Trainer
 
     @property
     def model(self):
@@ -137,9 +145,10 @@ class OurGRPO:
         out = generate(self.model, prompts, max_new_tokens=a.new_tokens, n=a.n, temperature=1.0, seed=seed,
                        mesh=self.mesh)
         zeros = np.zeros(out.tokens.shape, np.float32)
-        batch = RoleBatch(prompt_ids=out.prompt_tokens, prompt_mask=out.prompt_mask, response_ids=out.tokens,
+        prompt_ids, prompt_mask = trim_prompt_padding(np.asarray(out.prompt_tokens), np.asarray(out.prompt_mask))
+        batch = RoleBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out.tokens,
                           response_mask=out.mask, advantages=zeros, old_logp=out.logprobs, ref_logp=zeros,
-                          old_values=zeros, returns=zeros)
+                          old_values=zeros, returns=zeros, prompt_group=self.prompt_group)
         micro = micro_batches(batch, a.micro_batch, self.mesh)
         jax.block_until_ready(micro)
         t1 = time.perf_counter()
@@ -252,6 +261,8 @@ def compare(args, folder: Path) -> None:
     print(f"\nGRPO iteration: {args.prompts} prompts x {args.n} samples x {args.new_tokens} new tokens, "
           f"prompts {args.prompt_len} tokens, {model_config(args).num_params() / 1e6:.2f}M parameters; "
           f"median of {args.iters} after {args.warmup} warm-up; ours micro-batch {args.micro_batch}, "
+          f"prompt groups of {ours.prompt_group}, "
+          f"{'recomputed' if args.recompute_old_logprobs else 'sampler'} old log-probs, "
           f"TRL batch {args.trl_batch}; load average now {os.getloadavg()[0]:.2f}\n")
     print(markdown_table(["", "ours", "TRL", "speed-up"], rows))
 
