@@ -29,6 +29,7 @@ the steps after the first --compile-steps, whose time (mostly compilation) is re
 
     python bench/train_step.py
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/train_step.py
+    python bench/train_step.py --skip-update     # part 2 only (--skip-self-play: part 1 only)
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--micro-batch", type=int, default=16, help="Trainer's rl.micro_batch_size")
     g.add_argument("--compile-steps", type=int, default=1)
     g.add_argument("--steps", type=int, default=3, help="measured steps after the compile steps")
-    p.add_argument("--skip-self-play", action="store_true")
+    p.add_argument("--skip-update", action="store_true", help="part 2 only")
+    p.add_argument("--skip-self-play", action="store_true", help="part 1 only")
     return p.parse_args()
 
 
@@ -197,7 +199,8 @@ def bench_self_play(args) -> None:
 def main():
     args = parse_args()
     print(machine_line())
-    bench_update(args)
+    if not args.skip_update:
+        bench_update(args)
     if not args.skip_self_play:
         bench_self_play(args)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
