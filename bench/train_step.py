@@ -14,7 +14,9 @@ Train FLOPs (`train_flops`) = 3 × forward (backward = 2 × forward), the forwar
   + 2 × vocab × hidden × response tokens                   (the LM head runs on response positions only)
   + 4 × layers × heads × head_dim × S² per sequence         (QKᵀ and PV over all S = prompt + response
                                                               positions, dense as computed, mask applied after)
-i.e. 6 × params × tokens + attention. Embedding lookups, norms, softmax, the loss and the optimizer are not
+i.e. 6 × params × tokens + attention. With --prompt-group g, every g sequences share one prompt (as the
+n samples of a prompt do in training) and the update runs it once per group (RoleBatch.prompt_group):
+its tokens count once per group. Embedding lookups, norms, softmax, the loss and the optimizer are not
 counted; their time is.
 
 Rows are split over every local device (common.data_mesh), weights replicated, in both parts: by default
@@ -64,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--prompt-len", type=int, default=32)
     g.add_argument("--response-len", type=int, default=64)
     g.add_argument("--micro-batches", default="8,16,32,64,128", help="micro-batch sizes to compare")
+    g.add_argument("--prompt-group", type=int, default=1,
+                   help="sequences sharing one prompt pass (RoleBatch.prompt_group; 1: a full pass each)")
     g.add_argument("--rounds", type=int, default=5)
     g = p.add_argument_group("part 2: one self-play step")
     g.add_argument("--batch-size", type=int, default=16, help="B: proposer rows per step")
@@ -77,27 +81,38 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def train_flops(cfg: ModelConfig, sequences: int, prompt_len: int, response_len: int) -> float:
-    """FLOPs of one update (forward + backward) on `sequences` sequences; see the module docstring."""
+def train_flops(cfg: ModelConfig, sequences: int, prompt_len: int, response_len: int,
+                prompt_group: int = 1) -> float:
+    """FLOPs of one update (forward + backward) on `sequences` sequences; see the module docstring.
+
+    With `prompt_group` g > 1 the prompt runs once per g sequences (train_step.response_hidden): its
+    tokens and its queries' attention count once per group. Attention is dense over all prompt + response
+    positions in both cases (the cache path has P + R slots), as computed."""
     d, dh, seq = cfg.hidden_size, cfg.head_dim, prompt_len + response_len
+    groups = sequences // prompt_group
     per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * dh + cfg.num_heads * dh * d \
         + 3 * d * cfg.intermediate_size
-    forward = (2 * per_layer * cfg.num_layers * sequences * seq
+    attention = 4 * cfg.num_layers * cfg.num_heads * dh
+    forward = (2 * per_layer * cfg.num_layers * (sequences * response_len + groups * prompt_len)
                + 2 * cfg.vocab_size * d * sequences * response_len
-               + 4 * cfg.num_layers * cfg.num_heads * dh * seq * seq * sequences)
+               + attention * seq * (sequences * response_len + groups * prompt_len))
     return 3 * forward
 
 
-def random_batch(cfg: ModelConfig, sequences: int, prompt_len: int, response_len: int) -> RoleBatch:
-    """Full-length random prompts and responses, with advantages and log-probs of realistic size."""
+def random_batch(cfg: ModelConfig, sequences: int, prompt_len: int, response_len: int,
+                 prompt_group: int = 1) -> RoleBatch:
+    """Full-length random prompts and responses, with advantages and log-probs of realistic size; each
+    `prompt_group` consecutive sequences share a prompt (RoleBatch.prompt_group)."""
     rng = np.random.default_rng(0)
     ids = lambda length: rng.integers(0, cfg.vocab_size, (sequences, length), dtype=np.int32)
     ones = lambda length: np.ones((sequences, length), bool)
     noise = lambda: rng.standard_normal((sequences, response_len)).astype(np.float32)
-    return RoleBatch(prompt_ids=ids(prompt_len), prompt_mask=ones(prompt_len), response_ids=ids(response_len),
+    prompts = np.repeat(ids(prompt_len)[::prompt_group], prompt_group, axis=0)
+    return RoleBatch(prompt_ids=prompts, prompt_mask=ones(prompt_len), response_ids=ids(response_len),
                      response_mask=ones(response_len), advantages=noise(),
                      old_logp=np.log(1 / cfg.vocab_size) + 0.1 * noise(),
-                     ref_logp=np.log(1 / cfg.vocab_size) + 0.1 * noise(), old_values=noise(), returns=noise())
+                     ref_logp=np.log(1 / cfg.vocab_size) + 0.1 * noise(), old_values=noise(), returns=noise(),
+                     prompt_group=prompt_group)
 
 
 def bench_update(args) -> None:
@@ -108,7 +123,7 @@ def bench_update(args) -> None:
     update = jax.jit(functools.partial(train_step, loss_fn=policy_loss_fn(graphdef, LossConfig()), tx=tx),
                      donate_argnums=0)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    batch = random_batch(cfg, args.sequences, args.prompt_len, args.response_len)
+    batch = random_batch(cfg, args.sequences, args.prompt_len, args.response_len, args.prompt_group)
     micro_sizes = [int(m) for m in args.micro_batches.split(",")]
     micro = {mb: micro_batches(batch, mb, mesh) for mb in micro_sizes}
 
@@ -126,8 +141,8 @@ def bench_update(args) -> None:
             walls[mb].append(wall)
             cpus[mb].append(cpu)
 
-    flops = train_flops(cfg, args.sequences, args.prompt_len, args.response_len)
-    tokens = args.sequences * (args.prompt_len + args.response_len)
+    flops = train_flops(cfg, args.sequences, args.prompt_len, args.response_len, args.prompt_group)
+    tokens = args.sequences * (args.prompt_len + args.response_len)  # as a full pass per sequence has them
     rows = []
     for mb in micro_sizes:
         s = median(walls[mb])
@@ -139,7 +154,7 @@ def bench_update(args) -> None:
     print(f"\n## Update: {cfg.num_params() / 1e6:.2f}M parameters (hidden {cfg.hidden_size}, {cfg.num_layers} "
           f"layers, {cfg.num_heads} heads / {cfg.num_kv_heads} kv, MLP {cfg.intermediate_size}, vocab "
           f"{cfg.vocab_size}); {args.sequences} sequences x ({args.prompt_len} + {args.response_len}) tokens "
-          f"= {tokens} tokens, {flops / 1e9:.1f} GFLOP per update")
+          f"= {tokens} tokens, prompt groups of {args.prompt_group}, {flops / 1e9:.1f} GFLOP per update")
     wall_peaks, cpu_peaks = [p.per_second for p in peaks], [p.per_cpu_second for p in peaks]
     print(f"float32 matmul peak (2048^3 jnp.dot), median of {args.rounds} rounds: "
           f"{median(wall_peaks) / 1e9:.1f} GFLOP/s (min {min(wall_peaks) / 1e9:.1f}, max "
