@@ -10,8 +10,8 @@ majority-of-n accuracy, and the proposer's questions. Deterministic from `config
 from __future__ import annotations
 
 import collections
+import itertools
 import json
-import re
 import time
 from pathlib import Path
 
@@ -33,7 +33,6 @@ from sqlm_jax.tasks import Question, get_task
 from sqlm_jax.tokenizer import Tokenizer, load_tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_pretrain.py", "warm-start config file")
-_QUESTION = re.compile(r"(\d+)\*(\d+)")
 
 
 def model_config(model_cfg, tokenizer) -> ModelConfig:
@@ -56,8 +55,10 @@ def encode_chats(tokenizer, chats: list[tuple[str, str]], seq_len: int) -> tuple
     """
     prompts = tokenizer.apply_chat_template([[{"role": "user", "content": u}] for u, _ in chats],
                                            add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    reply_ids = tokenizer([a for _, a in chats], add_special_tokens=False)["input_ids"]
+    # The Rust tokenizer directly: transformers' batch __call__ is ~8x slower on 10^5 short texts.
+    encode = lambda texts: [e.ids for e in tokenizer.backend_tokenizer.encode_batch(
+        texts, add_special_tokens=False)]
+    prompt_ids, reply_ids = encode(prompts), encode([a for _, a in chats])
     stop = tokenizer.eos_token_id
     tokens = np.full((len(chats), seq_len), tokenizer.pad_token_id, np.int32)
     loss_mask = np.zeros((len(chats), seq_len), bool)
@@ -70,81 +71,98 @@ def encode_chats(tokenizer, chats: list[tuple[str, str]], seq_len: int) -> tuple
     return tokens, loss_mask
 
 
-def next_token_loss(model: Transformer, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Mean cross-entropy of `tokens[:, 1:]` given their prefixes, over `loss_mask[:, 1:]` positions.
+def next_token_loss(model: Transformer, tokens: jax.Array, loss_mask: jax.Array,
+                    normalizer: float) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy of `tokens[:, 1:]` over `loss_mask[:, 1:]` positions: (sum / `normalizer`, mean).
 
-    Rows are right-padded, so causal attention alone keeps padding out of every real token's view.
+    The first is the training loss. Its normalizer is a constant (rows × the corpus's mean targets per
+    row), not the batch's own token count: batches are cut by length, and a per-batch mean would weigh
+    a token of a short reply more than one of a long reply, skewing how often the model starts each
+    kind of answer. The second, the batch's per-token mean, is for the log. Rows are right-padded, so
+    causal attention alone keeps padding out of every real token's view.
     """
     logits = model(tokens[:, :-1])  # [B, T-1, V]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    total = jnp.sum(nll * loss_mask[:, 1:])
+    return total / normalizer, total / jnp.maximum(jnp.sum(loss_mask[:, 1:]), 1)
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
-    """AdamW with linear warm-up and cosine decay to 10% of the peak, after gradient clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, train_cfg.learning_rate, train_cfg.warmup_steps, train_cfg.steps,
-        end_value=0.1 * train_cfg.learning_rate)
+    """AdamW at a constant rate after a linear warm-up, after gradient clipping.
+
+    No decay: the model at step k of a longer run is then the model a k-step run makes (up to the
+    loss normalizer, the corpus's mean, which moves a little with its size), so a long run's watched
+    curve shows where to stop. The shipped model is the `steps`-step run itself, reproduced exactly.
+    """
+    schedule = optax.warmup_constant_schedule(0.0, train_cfg.learning_rate, train_cfg.warmup_steps)
     return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip),
                        optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=train_cfg.weight_decay))
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation):
-    """One jitted step `(params, opt_state, tokens[B, T], loss_mask[B, T]) -> (params, opt_state, loss)`."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, normalizer: float):
+    """One jitted step `(params, opt_state, tokens[B, T], loss_mask[B, T]) -> (params, opt_state, loss)`,
+    the loss the batch's per-token mean."""
 
     def loss_of(params, tokens, loss_mask):
-        return next_token_loss(nnx.merge(graphdef, params), tokens, loss_mask)
+        return next_token_loss(nnx.merge(graphdef, params), tokens, loss_mask, normalizer)
 
     @jax.jit
     def step(params, opt_state, tokens, loss_mask):
-        loss, grads = jax.value_and_grad(loss_of)(params, tokens, loss_mask)
+        (_, loss), grads = jax.value_and_grad(loss_of, has_aux=True)(params, tokens, loss_mask)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step
 
 
-def length_bucketed_batches(lengths: np.ndarray, batch_size: int, num_batches: int, seed: int,
-                            pool: int = 16) -> list[np.ndarray]:
-    """`num_batches` index arrays `[batch_size]` over a seeded shuffle of the rows, wrapping around.
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, pool: int = 16):
+    """Index arrays `[batch_size]` over the rows in corpus order (the corpus is already shuffled).
 
-    Each run of `pool` batches is sorted by length before it is cut, so a batch holds chats of similar
-    length and is trimmed to little padding; the batches are then shuffled again, so the order of
-    lengths carries no signal.
+    Each run of `pool` batches is sorted by `lengths` before it is cut, so a batch holds chats of
+    similar length and is trimmed to little padding; those batches are then shuffled, so the order of
+    lengths carries no signal. Each run depends only on its own rows: the first k batches are the same
+    whatever the corpus's size.
     """
-    rng = np.random.default_rng(seed)
-    need = num_batches * batch_size
-    order = np.concatenate([rng.permutation(len(lengths)) for _ in range(-(-need // len(lengths)))])
-    batches = []
-    for start in range(0, need, pool * batch_size):
-        chunk = order[start:min(start + pool * batch_size, need)]
+    for start in range(0, len(lengths) - batch_size + 1, pool * batch_size):
+        chunk = np.arange(start, min(start + pool * batch_size, len(lengths)))
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+        batches = [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+        rng = np.random.default_rng([seed, start])
+        yield from (batches[i] for i in rng.permutation(len(batches)))
 
 
 def warm_start(cfg: ModelConfig, tokens: np.ndarray, loss_mask: np.ndarray, train_cfg, seed: int,
-               log_every: int = 50) -> tuple[Transformer, list[tuple[int, float]]]:
-    """Trains a fresh model for `train_cfg.steps` steps on `tokens[N, T]`, in a seeded order.
+               log_every: int = 50, on_eval=None) -> tuple[Transformer, list[tuple[int, float]]]:
+    """Trains a fresh model for `train_cfg.steps` steps on `tokens[N, T]`, one pass in corpus order.
 
     Each batch is cut to its longest chat, rounded up to a multiple of 16 (a handful of compiled
-    shapes). Returns the model and `(step, loss)` every `log_every` steps.
+    shapes). Every `train_cfg.eval_every` steps (0: never) `on_eval(step, model)` is called, to watch
+    the run. Returns the model and `(step, mean loss since the last entry)` every `log_every` steps.
     """
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
     tx = make_optimizer(train_cfg)
     opt_state = tx.init(params)
-    step = make_train_step(graphdef, tx)
     lengths = loss_mask.shape[1] - np.argmax(loss_mask[:, ::-1], axis=1)  # last target + 1
-    batches = length_bucketed_batches(lengths, train_cfg.batch_size, train_cfg.steps, seed)
-    losses = []
-    bar = tqdm(batches, desc="warm start")
+    # Buckets by prompt length (the question's size), not the whole chat's: by whole length a batch
+    # would hold direct answers only or worked answers only, and each step would swing the model's
+    # choice between the two instead of learning the corpus's mix.
+    prompt_lengths = np.argmax(loss_mask, axis=1)
+    normalizer = train_cfg.batch_size * float(loss_mask.sum()) / len(loss_mask)
+    step = make_train_step(graphdef, tx, normalizer)
+    batches = itertools.islice(length_bucketed_batches(prompt_lengths, train_cfg.batch_size, seed),
+                               train_cfg.steps)
+    losses, recent = [], []
+    bar = tqdm(batches, total=train_cfg.steps, desc="warm start")
     for i, rows in enumerate(bar):
         width = min(-(-int(lengths[rows].max()) // 16) * 16, tokens.shape[1])
         params, opt_state, loss = step(params, opt_state, tokens[rows, :width], loss_mask[rows, :width])
-        if i % log_every == 0 or i == train_cfg.steps - 1:
-            losses.append((i, float(loss)))
+        recent.append(loss)
+        if (i + 1) % log_every == 0 or i + 1 == train_cfg.steps:
+            losses.append((i + 1, float(np.mean(recent))))
+            recent = []
             bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
+        if on_eval and train_cfg.eval_every and (i + 1) % train_cfg.eval_every == 0:
+            on_eval(i + 1, nnx.merge(graphdef, params))
     return nnx.merge(graphdef, params), losses
 
 
@@ -152,7 +170,8 @@ def evaluate_solver(model, tok: Tokenizer, task, problems, *, n: int, max_new_to
                     batch_size: int, seed: int) -> dict:
     """Held-out accuracy: greedy, and over `n` samples at temperature 1 the mean and the majority's.
 
-    Also how often the n answers disagree (groups where majority-vote RL has a reward spread).
+    Also how often the n answers disagree (groups where majority-vote RL has a reward spread), and
+    how often answers are worked (open with a <think> scratchpad) and how accurate each kind is.
     """
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, full=True)
     greedy = evaluate(model, tok, task, problems, **kw)
@@ -171,48 +190,44 @@ def evaluate_solver(model, tok: Tokenizer, task, problems, *, n: int, max_new_to
                                             for r in greedy.responses])),
         "mean_majority_agreement": float(np.mean(agreement)),
         "disagreement_fraction": float(np.mean(np.asarray(agreement) < 1)),
+        **worked_answer_stats("greedy", greedy), **worked_answer_stats("sampled", sampled),
         "greedy_examples": [r[0] for r in greedy.responses[:5]],
     }
 
 
-def evaluate_proposer(model, tok: Tokenizer, task, heldout_questions: set[str], *, num: int,
-                      max_new_tokens: int, seed: int, family: tiny_corpus.ProblemFamily) -> dict:
-    """What the proposer writes at temperature 1 from the topic prompt: validity, operands, overlap.
+def worked_answer_stats(name: str, result) -> dict:
+    """The fraction of `result`'s responses that open with a scratchpad, and each kind's accuracy."""
+    worked = np.array([[r.startswith("<think>") for r in rs] for rs in result.responses])
+    mean = lambda x: float(x.mean()) if x.size else None
+    return {f"{name}_worked_fraction": mean(worked),
+            f"{name}_worked_accuracy": mean(result.scores[worked]),
+            f"{name}_direct_accuracy": mean(result.scores[~worked])}
 
-    Valid: the question is exactly `a*b` with both operands in the corpus family's ranges.
+
+def evaluate_proposer(model, tok: Tokenizer, task, heldout_questions: set[str], *, num: int,
+                      max_new_tokens: int, seed: int, family: tiny_corpus.ProblemFamily,
+                      heldout_family: tiny_corpus.ProblemFamily) -> dict:
+    """What the proposer writes at temperature 1 from the topic prompt.
+
+    Valid: exactly a question of the corpus's family. Also: how many fall in the held-out set's
+    family and how many are held-out questions themselves, the operands' digit counts, repeats.
     """
     prompt = tok.chat_prompt(task.proposer_prompt)
     out = sampling.generate(model, [prompt], n=num, max_new_tokens=max_new_tokens, temperature=1.0,
                             stop_ids=tok.stop_ids, pad_id=tok.pad_id, seed=seed)
-    texts = [tok.decode(r) for r in out.token_lists]
-    parsed = [task.parse_question(t) for t in texts]
-    operands = []
-    for q in parsed:
-        m = _QUESTION.fullmatch(q.text) if q is not None else None
-        if m:
-            a, b = int(m.group(1)), int(m.group(2))
-            if (family.a_range[0] <= a <= family.a_range[1]
-                    and family.b_range[0] <= b <= family.b_range[1]):
-                operands.append((a, b))
+    questions = [task.parse_question(tok.decode(r)) for r in out.token_lists]
+    texts = [q.text for q in questions if q is not None]
+    operands = [ab for ab in map(family.parse, texts) if ab is not None]
     digits = collections.Counter(f"{len(str(a))}x{len(str(b))}" for a, b in operands)
     return {
         "num_proposals": num,
         "valid_fraction": len(operands) / num,
+        "heldout_family_fraction": sum(heldout_family.parse(t) is not None for t in texts) / num,
+        "heldout_overlap": sum(t in heldout_questions for t in texts) / num,
         "distinct_fraction": len(set(texts)) / num,
-        "heldout_overlap": sum(q is not None and q.text in heldout_questions for q in parsed) / num,
         "operand_digits": {k: v / max(len(operands), 1) for k, v in sorted(digits.items())},
-        "a_mean": float(np.mean([a for a, _ in operands])) if operands else None,
-        "b_mean": float(np.mean([b for _, b in operands])) if operands else None,
-        "examples": texts[:8],
+        "examples": texts[:10],
     }
-
-
-def family_of(task) -> tiny_corpus.ProblemFamily:
-    """The corpus's problem family: the arithmetic task's held-out operand ranges and wording."""
-    if task.heldout_a_range is None:
-        raise ValueError("the tiny corpus needs task.heldout_a_range and task.heldout_b_range set")
-    return tiny_corpus.ProblemFamily(tuple(task.heldout_a_range), tuple(task.heldout_b_range),
-                                     task.question_template)
 
 
 def main(_):
@@ -220,20 +235,36 @@ def main(_):
     out_dir = Path(config.out_dir)
     tokenizer = tiny_corpus.build_tokenizer()
     task = get_task("arithmetic", **config.task)
-    family = family_of(task)
+    family = tiny_corpus.ProblemFamily(tuple(config.corpus.a_range), tuple(config.corpus.b_range),
+                                       task.question_template, config.corpus.by_digits)
     excluded = {q.text for q, _ in task.heldout_problems(config.corpus.exclude_heldout, config.eval.seed)}
 
     start = time.time()
     chats = tiny_corpus.chat_examples(
         config.train.steps * config.train.batch_size, config.seed, family=family,
-        proposer_fraction=config.corpus.proposer_fraction, styles=tuple(config.corpus.styles),
+        proposer_fraction=config.corpus.proposer_fraction, worked_style=config.corpus.worked_style,
+        worked_fraction={int(b): f for b, f in config.corpus.worked_fraction_by_b.items()},
         proposer_prompt=task.proposer_prompt,
         solver_prompt=lambda q: task.solver_prompt(Question(q)), exclude=excluded)
     tokens, loss_mask = encode_chats(tokenizer, chats, config.train.seq_len)
     cfg = model_config(config.model, tokenizer)
     print(f"corpus: {len(chats)} chats, {int(loss_mask.sum())} target tokens; "
           f"model: {cfg.num_params() / 1e6:.2f}M parameters")
-    model, losses = warm_start(cfg, tokens, loss_mask, config.train, config.seed)
+    watch = task.heldout_problems(config.eval.watch_problems, config.eval.seed + 1)
+    watched = []
+
+    def on_eval(step, model):
+        tok = Tokenizer(tokenizer)
+        stats = {"step": step, **evaluate_solver(model, tok, task, watch, n=config.eval.n,
+                                                 max_new_tokens=config.eval.max_new_tokens,
+                                                 batch_size=config.eval.batch_size, seed=config.seed)}
+        stats.pop("greedy_examples")
+        watched.append(stats)
+        if config.train.snapshot_dir:  # to pick where to stop without training again
+            save_pretrained(model, cfg, Path(config.train.snapshot_dir) / f"step_{step}")
+        tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}))
+
+    model, losses = warm_start(cfg, tokens, loss_mask, config.train, config.seed, on_eval=on_eval)
     train_seconds = time.time() - start
 
     save_pretrained(model, cfg, out_dir)
@@ -245,12 +276,16 @@ def main(_):
         "train_seconds": round(train_seconds, 1),
         "num_params": cfg.num_params(),
         "losses": losses,
+        "watched": watched,
         "solver": evaluate_solver(model, tok, task, problems, n=config.eval.n,
                                   max_new_tokens=config.eval.max_new_tokens,
                                   batch_size=config.eval.batch_size, seed=config.seed),
         "proposer": evaluate_proposer(model, tok, task, {q.text for q, _ in problems},
                                       num=config.eval.num_proposals, max_new_tokens=16,
-                                      seed=config.seed, family=family),
+                                      seed=config.seed, family=family,
+                                      heldout_family=tiny_corpus.ProblemFamily(
+                                          tuple(task.heldout_a_range), tuple(task.heldout_b_range),
+                                          task.question_template)),
     }
     (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({k: v for k, v in metrics.items() if k != "losses"}, indent=2))

@@ -1,28 +1,31 @@
 """The synthetic chat corpus and the tokenizer of the shipped tiny model.
 
-The corpus stands in for pretraining: correct worked examples of one problem family (a 2–3-digit
-number times a 1–2-digit number), written as chats in the two roles SQLM needs:
+The corpus stands in for pretraining: correct worked examples of one problem family (a number of up
+to four digits times a one-digit number), written as chats in the two roles SQLM needs:
 
-* proposer: the topic prompt -> one question, e.g. ``347*26``;
-* solver: the solver instruction and a question -> a worked answer,
-  ``<think>300*26=7800 40*26=1040 7*26=182 7800+1040+182=9022</think><answer>9022</answer>``.
+* proposer: the topic prompt -> one question, e.g. ``7230*3``;
+* solver: the solver instruction and a question -> an answer, in one of two ways:
+  straight away, ``<answer>21690</answer>``, or after a scratchpad that builds the product up one
+  digit at a time, ``<think>7*3=21 72*3=210+6=216 723*3=2160+9=2169 7230*3=21690+0=21690</think>
+  <answer>21690</answer>``.
 
-Every answer is correct. The scratchpad splits the first operand by place value, multiplies each part
-by the second, then adds the partial products. Each example is written in one of several styles
-(parts in descending or ascending order; one sum or a running sum), as text by different authors
-would be: different styles make different mistakes, which is what gives majority voting over sampled
-answers an edge over the greedy one (the self-consistency gap self-play learns from).
+Every answer is correct. Direct answers are the more common kind (as terse answers are in text), and
+the harder to get right: a small model that answers directly makes scattered mistakes, while its
+worked answers mostly agree with each other. So sampled answers' majority beats the greedy answer
+(the self-consistency gap majority-vote self-play learns from); see docs/results.md.
 
 Problems of the evaluation set can be excluded (`exclude`), so held-out accuracy measures
 generalisation, not recall. Pure functions of a seed: the same seed gives the same corpus.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 # The tiny model's prompts: short, because a character-level model pays per character.
 PROPOSER_PROMPT = "Write a multiplication problem."
@@ -44,9 +47,9 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# Split a by place value (desc/asc order of its parts; one sum or a running sum), or split b (the
-# tens part or the ones part first; a is copied whole).
-STYLES = ("desc_sum", "asc_sum", "desc_running", "asc_running", "btens", "bones", "horner", "horner_verbose")
+# How a solver answer is written: straight away (``direct``), or after a scratchpad that walks a's
+# digits left to right (``prefix``, prefixes of a) or right to left (``suffix``, suffixes of a).
+STYLES = ("direct", "prefix", "suffix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,65 +77,53 @@ class ProblemFamily:
     def question(self, a: int, b: int) -> str:
         return self.template.format(a=a, b=b)
 
-
-def place_value_parts(a: int) -> list[int]:
-    """Non-zero place-value parts of ``a``, largest first: 305 -> [300, 5]; 0 -> [0]."""
-    digits = str(a)
-    parts = [int(d) * 10 ** (len(digits) - 1 - i) for i, d in enumerate(digits) if d != "0"]
-    return parts or [0]
+    def parse(self, text: str) -> tuple[int, int] | None:
+        """The operands of ``text`` if it is exactly a question of this family, else None."""
+        pattern = re.escape(self.template).replace(r"\{a\}", r"(\d+)").replace(r"\{b\}", r"(\d+)")
+        match = re.fullmatch(pattern, text.strip())
+        if not match:
+            return None
+        a, b = int(match.group(1)), int(match.group(2))
+        inside = (self.a_range[0] <= a <= self.a_range[1] and self.b_range[0] <= b <= self.b_range[1])
+        return (a, b) if inside else None
 
 
 def scratchpad(a: int, b: int, style: str) -> str:
-    """The reasoning inside <think>: partial products, then their sum.
+    """The reasoning inside <think>: ``a * b`` built up one digit of ``a`` at a time.
 
-    ``{desc|asc}_{sum|running}`` multiplies each place-value part of ``a`` by ``b`` (largest part
-    first or last), then adds the partial products in one sum or one addition at a time.
-    ``btens`` / ``bones`` multiplies ``a`` by each place-value part of ``b`` (tens or ones first).
-    """
-    if style.startswith("horner"):
-        return horner(a, b, verbose=style == "horner_verbose")
-    if style in ("btens", "bones"):
-        parts = place_value_parts(b)
-        pairs = [(a, p) for p in (parts if style == "btens" else parts[::-1])]
-        adding = "sum"
-    else:
-        order, adding = style.split("_")
-        parts = place_value_parts(a)
-        pairs = [(p, b) for p in (parts if order == "desc" else parts[::-1])]
-    products = [x * y for x, y in pairs]
-    steps = [f"{x}*{y}={x * y}" for x, y in pairs]
-    if len(products) > 1:
-        if adding == "sum":
-            steps.append("+".join(map(str, products)) + f"={sum(products)}")
-        else:
-            total = products[0]
-            for x in products[1:]:
-                steps.append(f"{total}+{x}={total + x}")
-                total += x
-    return " ".join(steps)
+    ``prefix`` walks ``a``'s digits left to right: each prefix of ``a`` times ``b`` is ten times the
+    previous prefix's product plus the new digit times ``b``. ``suffix`` walks them right to left:
+    each suffix times ``b`` is the new digit times ``b``, shifted to its place, plus the previous
+    suffix's product. Each step copies its operand whole from the question and needs one
+    single-digit product and one addition; the two methods add different numbers, so they make
+    different mistakes.
 
-
-def horner(a: int, b: int, verbose: bool) -> str:
-    """Left to right over ``a``'s digits: each prefix of ``a`` times ``b`` is ten times the previous
-    prefix's product plus the new digit times ``b``. Every number a step needs is next to it: the
-    prefix is copied whole from the question, the new digit is the prefix's last, the previous
-    product is the previous step's result.
-
-    347*26 -> 3*26=78 34*26=780+104=884 347*26=8840+182=9022
-    verbose -> 3*26=78 34*26=78*10+4*26=780+104=884 347*26=884*10+7*26=8840+182=9022
+    7230*3, prefix: 7*3=21 72*3=210+6=216 723*3=2160+9=2169 7230*3=21690+0=21690
+    7230*3, suffix: 0*3=0 30*3=90+0=90 230*3=600+90=690 7230*3=21000+690=21690
     """
     digits = str(a)
-    total = int(digits[0]) * b
-    steps = [f"{digits[0]}*{b}={total}"]
-    for k in range(2, len(digits) + 1):
-        d = int(digits[k - 1])
-        explain = f"{total}*10+{d}*{b}=" if verbose else ""
-        steps.append(f"{digits[:k]}*{b}={explain}{total * 10}+{d * b}={total * 10 + d * b}")
-        total = total * 10 + d * b
+    if style not in STYLES[1:]:
+        raise ValueError(f"unknown style {style!r}; valid: {STYLES}")
+    if style == "prefix":
+        total = int(digits[0]) * b
+        steps = [f"{digits[0]}*{b}={total}"]
+        for k in range(2, len(digits) + 1):
+            part = int(digits[k - 1]) * b
+            steps.append(f"{digits[:k]}*{b}={total * 10}+{part}={total * 10 + part}")
+            total = total * 10 + part
+    else:
+        total = int(digits[-1]) * b
+        steps = [f"{digits[-1]}*{b}={total}"]
+        for k in range(2, len(digits) + 1):
+            part = int(digits[-k]) * b * 10 ** (k - 1)
+            steps.append(f"{digits[-k:]}*{b}={part}+{total}={part + total}")
+            total += part
     return " ".join(steps)
 
 
 def solver_response(a: int, b: int, style: str) -> str:
+    if style == "direct":
+        return f"<answer>{a * b}</answer>"
     return f"<think>{scratchpad(a, b, style)}</think><answer>{a * b}</answer>"
 
 
@@ -142,17 +133,24 @@ def default_solver_prompt(question: str) -> str:
 
 
 def chat_examples(n: int, seed: int, *, family: ProblemFamily = ProblemFamily(),
-                  proposer_fraction: float = 0.1, styles: tuple[str, ...] = STYLES,
+                  proposer_fraction: float = 0.1, worked_style: str = "prefix",
+                  worked_fraction: float | Mapping[int, float] = 0.5,
                   proposer_prompt: str = PROPOSER_PROMPT,
                   solver_prompt: Callable[[str], str] = default_solver_prompt,
                   exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
     """``n`` (user, assistant) chats: a ``proposer_fraction`` of proposer turns, the rest solver turns.
 
+    A solver turn is worked (a ``worked_style`` scratchpad, then the answer) with probability
+    ``worked_fraction``, a number or a mapping from the second operand ``b`` to one; else direct.
     Questions in ``exclude`` (question texts, e.g. the held-out set's) never appear, in either role.
     """
-    unknown = set(styles) - set(STYLES)
-    if unknown or not styles:
-        raise ValueError(f"styles must be a non-empty subset of {STYLES}, got {styles}")
+    if worked_style not in STYLES[1:]:
+        raise ValueError(f"worked_style must be one of {STYLES[1:]}, got {worked_style!r}")
+    fraction = worked_fraction if isinstance(worked_fraction, Mapping) else \
+        collections.defaultdict(lambda: worked_fraction)
+    missing = [b for b in range(family.b_range[0], family.b_range[1] + 1) if b not in fraction]
+    if missing:
+        raise ValueError(f"worked_fraction gives no fraction for b = {missing}")
     excluded = set(exclude)
     rng = random.Random(seed)
     chats = []
@@ -164,8 +162,8 @@ def chat_examples(n: int, seed: int, *, family: ProblemFamily = ProblemFamily(),
         if rng.random() < proposer_fraction:
             chats.append((proposer_prompt, question))
         else:
-            chats.append((solver_prompt(question),
-                          solver_response(a, b, rng.choice(styles))))
+            style = worked_style if rng.random() < fraction[b] else "direct"
+            chats.append((solver_prompt(question), solver_response(a, b, style)))
     return chats
 
 
