@@ -62,5 +62,7 @@ def validate(config, num_batch_devices: int | None = None) -> None:
                           f"{num_batch_devices} devices the batch is split over (mesh data × fsdp)")
     if rl.proposer_update_freq < 0 or config.eval.every < 0:
         raise ConfigError("rl.proposer_update_freq and eval.every must be >= 0 (0 = never / only at the ends)")
+    if config.eval.sampled_n < 0 or config.eval.sampled_problems < 0:
+        raise ConfigError("eval.sampled_n and eval.sampled_problems must be >= 0 (0 = off / all problems)")
     if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
         raise ConfigError(f"optim.lr={config.optim.lr} must be a positive number")

@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
         "max_new_tokens": 1024,
         "batch_size": 64,
         "sampled_n": 0,              # also report mean accuracy of this many samples at temperature 1
+        "sampled_problems": 0,       # ... on the first this many held-out problems (0 = all of them)
     })
     c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 3})
     c.log = ml_collections.ConfigDict({"samples": 4})  # question/answer examples logged per step

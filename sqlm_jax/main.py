@@ -43,8 +43,13 @@ def main(argv: list[str]) -> None:
     except user_errors as e:
         sys.exit(f"error: {e}")
     if "final_accuracy" in summary:
+        first, last = summary["eval_history"][0], summary["eval_history"][-1]
         print(f"held-out greedy accuracy: {summary['base_accuracy']:.3f} -> {summary['final_accuracy']:.3f}")
-        print(f"exported model: {summary['export_dir']}   summary: {config.workdir}/summary.json")
+        if "eval/sampled_accuracy" in last:
+            print(f"held-out sampled accuracy (temperature 1): {first['eval/sampled_accuracy']:.3f} -> "
+                  f"{last['eval/sampled_accuracy']:.3f}")
+        print(f"plots: {config.workdir}/plots   exported model: {summary['export_dir']}   "
+              f"summary: {config.workdir}/summary.json")
     else:
         print(f"stopped at step {summary['stopped_at']}; resume with --config.resume=True")
 

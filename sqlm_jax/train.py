@@ -437,7 +437,8 @@ class Trainer:
                           mesh=self.mesh, full=True)
         out = {"eval/greedy_accuracy": result.accuracy}
         if c.eval.sampled_n:
-            sampled = evaluate(self.model, self.tokenizer, self.task, self.eval_problems, greedy=False,
+            problems = self.eval_problems[:c.eval.sampled_problems or None]
+            sampled = evaluate(self.model, self.tokenizer, self.task, problems, greedy=False,
                                n=c.eval.sampled_n, max_new_tokens=c.eval.max_new_tokens,
                                batch_size=c.eval.batch_size, seed=c.seed, mesh=self.mesh, full=True)
             out["eval/sampled_accuracy"] = sampled.sampled_accuracy

@@ -5,14 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "colab_tpu_demo.ipynb"
 
 
-@pytest.mark.skipif(not (ROOT / "sqlm_jax" / "assets" / "tiny" / "config.json").is_file(),
-                    reason="the shipped tiny model (sqlm_jax/assets/tiny, issue 5) is not built yet")
 def test_notebook_runs_on_cpu_with_the_tiny_config(tmp_path):
     cells = json.loads(NOTEBOOK.read_text())["cells"]
     code = [c for c in cells if c["cell_type"] == "code"]
@@ -20,6 +17,7 @@ def test_notebook_runs_on_cpu_with_the_tiny_config(tmp_path):
     script = tmp_path / "notebook.py"
     script.write_text("\n\n".join("".join(c["source"]) for c in code))
     env = {**os.environ, "SQLM_DEMO_STEPS": "2", "SQLM_DEMO_WORKDIR": str(tmp_path / "run"),
+           "SQLM_DEMO_EVAL_PROBLEMS": "64",
            "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=900)
