@@ -19,7 +19,6 @@ generalisation, not recall. Pure functions of a seed: the same seed gives the sa
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import random
@@ -146,11 +145,14 @@ def chat_examples(n: int, seed: int, *, family: ProblemFamily = ProblemFamily(),
     """
     if worked_style not in STYLES[1:]:
         raise ValueError(f"worked_style must be one of {STYLES[1:]}, got {worked_style!r}")
-    fraction = worked_fraction if isinstance(worked_fraction, Mapping) else \
-        collections.defaultdict(lambda: worked_fraction)
-    missing = [b for b in range(family.b_range[0], family.b_range[1] + 1) if b not in fraction]
-    if missing:
-        raise ValueError(f"worked_fraction gives no fraction for b = {missing}")
+    b_values = range(family.b_range[0], family.b_range[1] + 1)
+    if isinstance(worked_fraction, Mapping):
+        missing = [b for b in b_values if b not in worked_fraction]
+        if missing:
+            raise ValueError(f"worked_fraction gives no fraction for b = {missing}")
+        fraction = worked_fraction
+    else:
+        fraction = dict.fromkeys(b_values, worked_fraction)
     excluded = set(exclude)
     rng = random.Random(seed)
     chats = []
