@@ -203,12 +203,15 @@ class Trainer:
                                           system=self.task.system_prompt)
 
     # ------------------------------------------------------------------------------------- rollouts
-    def propose(self, step: int) -> tuple[Any, list[str], list[Question | None]]:
-        """B·n proposals from the one topic prompt; returns (sample output, texts, parsed questions)."""
+    def propose(self, step: int, stream: int = 0) -> tuple[Any, list[str], list[Question | None]]:
+        """B·n proposals from the one topic prompt; returns (sample output, texts, parsed questions).
+
+        Seeded by (run seed, `step`, `stream`): stream 0 for a step's proposals, 2 for the chunks of
+        the pregenerated pool (stream 1 is the solver's)."""
         c = self.config
         prompt = self.tokenizer.chat_prompt(self.task.proposer_prompt)
         out = self._generate([prompt], c.rollout.batch_size * c.rollout.n,
-                             c.rollout.proposer_max_new_tokens, step_seed(c.seed, step, 0))
+                             c.rollout.proposer_max_new_tokens, step_seed(c.seed, step, stream))
         texts = [self.tokenizer.decode(t) for t in out.token_lists]
         questions = [self.task.parse_question(t) for t in texts]
         # A question whose solver prompt would not fit max_prompt_len counts as invalid.
@@ -368,7 +371,7 @@ class Trainer:
         pool: list[dict] = []
         chunk = 0
         while len(pool) < c.rollout.pregenerated_questions and chunk < 100:
-            _, proposals, questions = self.propose(-1 - chunk)
+            _, proposals, questions = self.propose(chunk, stream=2)
             pool += [{"proposal": p, "text": q.text, "tests": q.tests}
                      for p, q in zip(proposals, questions) if q is not None]
             chunk += 1

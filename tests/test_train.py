@@ -113,6 +113,20 @@ def test_existing_checkpoints_without_resume_is_refused(policy_folder, tmp_path)
         Trainer(tiny_run_config(policy_folder, tmp_path / "run", steps=2)).run()
 
 
+def test_pregenerated_questions_cycle_through_one_pool(policy_folder, tmp_path):
+    config = tiny_run_config(policy_folder, tmp_path / "run", steps=2)
+    config.rollout.question_source = "pregenerated"
+    config.rollout.pregenerated_questions = 12  # a step takes 8: step 2 wraps around
+    trainer = Trainer(config)
+    trainer.run()
+    pool = [p["proposal"] for p in trainer.pregenerated]
+    assert len(pool) == 12
+    lines = [json.loads(l) for l in (tmp_path / "run" / "questions.jsonl").read_text().splitlines()]
+    assert [line["proposals"] for line in lines] == [pool[:8], pool[8:] + pool[:4]]
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("proposer/grad_norm" in m for m in metrics)  # the proposer is never trained
+
+
 @pytest.mark.parametrize("task", ["algebra", "coding"])
 def test_other_tasks_run_two_steps(policy_folder, tmp_path, task):
     config = tiny_run_config(policy_folder, tmp_path / "run", task=task)
