@@ -46,9 +46,9 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# How a solver answer is written: straight away (``direct``), or after a scratchpad that walks a's
+# A solver answer is written straight away ("direct"), or after a scratchpad in one of these styles, which walk a's
 # digits left to right (``prefix``, prefixes of a) or right to left (``suffix``, suffixes of a).
-STYLES = ("direct", "prefix", "suffix")
+WORKED_STYLES = ("prefix", "suffix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +101,8 @@ def scratchpad(a: int, b: int, style: str) -> str:
     7230*3, suffix: 0*3=0 30*3=90+0=90 230*3=600+90=690 7230*3=21000+690=21690
     """
     digits = str(a)
-    if style not in STYLES[1:]:
-        raise ValueError(f"unknown style {style!r}; valid: {STYLES}")
+    if style not in WORKED_STYLES:
+        raise ValueError(f"unknown style {style!r}; valid: {WORKED_STYLES}")
     if style == "prefix":
         total = int(digits[0]) * b
         steps = [f"{digits[0]}*{b}={total}"]
@@ -143,8 +143,8 @@ def chat_examples(n: int, seed: int, *, family: ProblemFamily = ProblemFamily(),
     ``worked_fraction``, a number or a mapping from the second operand ``b`` to one; else direct.
     Questions in ``exclude`` (question texts, e.g. the held-out set's) never appear, in either role.
     """
-    if worked_style not in STYLES[1:]:
-        raise ValueError(f"worked_style must be one of {STYLES[1:]}, got {worked_style!r}")
+    if worked_style not in WORKED_STYLES:
+        raise ValueError(f"worked_style must be one of {WORKED_STYLES}, got {worked_style!r}")
     b_values = range(family.b_range[0], family.b_range[1] + 1)
     if isinstance(worked_fraction, Mapping):
         missing = [b for b in b_values if b not in worked_fraction]

@@ -283,6 +283,15 @@ class Trainer:
                          old_logp=zeros, ref_logp=zeros, old_values=zeros, returns=zeros,
                          prompt_group=prompt_group)
 
+    def _learner_batch(self, out, row_mask: np.ndarray, rewards: np.ndarray, group_size: int, *,
+                       samples_per_prompt: int) -> RoleBatch:
+        """A role's batch ready for the update: sampler output `out` (sampled with the step's starting
+        weights, as every role is) with old and reference log-probs and advantages over groups of
+        `group_size`; `samples_per_prompt` consecutive rows share a prompt."""
+        batch = self._role_batch(out, row_mask, self._prompt_group(samples_per_prompt))
+        batch = self.fill_logprobs(batch, out.logprobs if self.reuses_sampler_logprobs else None)
+        return self.with_advantages(batch, rewards, group_size)
+
     def with_advantages(self, batch: RoleBatch, rewards: np.ndarray, group_size: int) -> RoleBatch:
         """GRPO: group-normalised sequence rewards on every token. GAE: the reward on the last
         response token, advantages and returns from the critic's values."""
@@ -392,19 +401,14 @@ class Trainer:
 
         answers = [self.tokenizer.decode(t) for t in sol_out.token_lists]
         solver_r, proposer_r, metrics = self.score_answers(questions, answers)
-        sampler_logprobs = lambda out: out.logprobs if self.reuses_sampler_logprobs else None
-        solver_batch = self._role_batch(sol_out, np.repeat(valid, n), self._prompt_group(n))
-        solver_batch = self.with_advantages(self.fill_logprobs(solver_batch, sampler_logprobs(sol_out)),
-                                            solver_r.reshape(-1), n)
+        solver_batch = self._learner_batch(sol_out, np.repeat(valid, n), solver_r.reshape(-1), n,
+                                           samples_per_prompt=n)
         train_proposer = (prop_out is not None and c.rl.proposer_update_freq > 0
                           and (step + 1) % c.rl.proposer_update_freq == 0)
         if train_proposer:
             keep = valid if c.reward.invalid_proposals == "mask" else np.ones_like(valid)
-            # One topic prompt for every proposer row (propose), sampled with the same weights as the
-            # solver's answers: the step's starting weights.
-            proposer_batch = self._role_batch(prop_out, keep, self._prompt_group(len(valid)))
-            proposer_batch = self.with_advantages(self.fill_logprobs(proposer_batch, sampler_logprobs(prop_out)),
-                                                  proposer_r, n)
+            # One topic prompt for every proposer row (propose).
+            proposer_batch = self._learner_batch(prop_out, keep, proposer_r, n, samples_per_prompt=len(valid))
         t_host = time.perf_counter()
 
         metrics.update({f"solver/{k}": v for k, v in self.update(solver_batch, n).items()})
