@@ -46,8 +46,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# A solver answer is written straight away ("direct"), or after a scratchpad in one of these styles, which walk a's
-# digits left to right (``prefix``, prefixes of a) or right to left (``suffix``, suffixes of a).
+# A solver answer is written straight away ("direct"), or after a scratchpad in one of these styles:
+# over a's digits left to right (``prefix``, prefixes of a) or right to left (``suffix``, suffixes of a).
 WORKED_STYLES = ("prefix", "suffix")
 
 
