@@ -137,7 +137,12 @@ def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams) -> 
         logits = top_k_filter(logits, params.top_k)
     if params.top_p < 1:
         logits = top_p_filter(logits, params.top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    # The exponential race: with E_i ~ Exp(1), argmax_i p_i / E_i is token i with probability p_i (the
+    # Gumbel-max trick with one logarithm per token instead of two; sampling was ~9% of decoding on CPU).
+    # p is left unnormalized (argmax does not care) and tiny keeps E_i > 0.
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    race = -jnp.log(jax.random.uniform(key, logits.shape, minval=jnp.finfo(jnp.float32).tiny))
+    return jnp.argmax(probs / race, axis=-1).astype(jnp.int32)
 
 
 def _emit(state: DecodeState, logits: jax.Array, params: SamplingParams) -> DecodeState:

@@ -109,6 +109,21 @@ def test_top_k_1_is_greedy(checkpoint, prompts):
     assert top1.token_lists == greedy.token_lists
 
 
+@pytest.mark.parametrize("temperature, top_k, expected", [
+    (1.0, 0, [0.4, 0.3, 0.2, 0.1, 0.0]),
+    (0.5, 0, np.array([16, 9, 4, 1, 0]) / 30),   # p^(1/T), renormalised
+    (1.0, 2, [4 / 7, 3 / 7, 0.0, 0.0, 0.0]),
+])
+def test_sample_tokens_draws_from_the_tempered_filtered_distribution(temperature, top_k, expected):
+    """20,000 draws per case; every frequency within 4.5 standard errors, impossible tokens never drawn."""
+    logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1, 0.0]] * 20_000))  # the last token: logit -inf
+    params = sampling.SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k)
+    tokens = np.asarray(jax.jit(sampling.sample_tokens, static_argnums=2)(logits, jax.random.key(0), params))
+    freq, expected = np.bincount(tokens, minlength=5) / len(tokens), np.asarray(expected)
+    stderr = np.sqrt(expected * (1 - expected) / len(tokens))
+    assert np.all(np.abs(freq - expected) <= 4.5 * stderr + 1e-12), (freq, expected)
+
+
 def test_top_p_filter_keeps_the_smallest_set_reaching_p():
     logits = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]]))
     kept = lambda p: np.flatnonzero(np.isfinite(sampling.top_p_filter(logits, p)[0])).tolist()
