@@ -152,29 +152,31 @@ def weights_bytes(layout, mesh) -> int:
     return sum(shard_bytes(shape, axes, dtype.itemsize, mesh) for shape, axes, dtype in layout)
 
 
-def sampling_calls(config) -> dict[str, tuple[int, int, int]]:
-    """(prompts, rows, cache slots) of the two sampler calls of a step.
+def sampling_calls(config) -> dict[str, tuple[int, int, int, int]]:
+    """(prompts, rows, prompt slots, response slots) of the two sampler calls of a step.
 
     The proposer samples n completions of each of B prompts; the solver n answers to each of the B·n
-    questions. Cache slots = the bucketed prompt length + max_new_tokens.
+    questions. The sampler keeps one cache of each prompt's bucketed length, shared by its n rows, and
+    one of max_new_tokens slots per row.
     """
     b, n, r = config.rollout.batch_size, config.rollout.n, config.rollout
     prompt = bucket_length(r.max_prompt_len)
-    return {"proposer": (b, b * n, prompt + r.proposer_max_new_tokens),
-            "solver": (b * n, b * n * n, prompt + r.solver_max_new_tokens)}
+    return {"proposer": (b, b * n, prompt, r.proposer_max_new_tokens),
+            "solver": (b * n, b * n * n, prompt, r.solver_max_new_tokens)}
 
 
 def largest_sampling_call(config) -> str:
-    """The role whose sampler call has the larger KV cache (rows x slots): the sampling phase's peak."""
+    """The role whose sampler call has the larger KV cache: the sampling phase's peak."""
     calls = sampling_calls(config)
-    return max(calls, key=lambda role: calls[role][1] * calls[role][2])
+    return max(calls, key=lambda role: calls[role][0] * calls[role][2] + calls[role][1] * calls[role][3])
 
 
-def kv_cache_shape(config, model_cfg: ModelConfig) -> tuple[int, int, int, int]:
-    """`[rows, K, S, Dh]` of each layer's v buffer (k is `[rows, K, Dh, S]`, as many bytes) in the
-    step's largest sampler call."""
-    _, rows, slots = sampling_calls(config)[largest_sampling_call(config)]
-    return rows, model_cfg.num_kv_heads, slots, model_cfg.head_dim
+def kv_cache_shapes(config, model_cfg: ModelConfig) -> list[tuple[int, int, int, int]]:
+    """`[rows, K, S, Dh]` of each layer's v buffers (k is `[rows, K, Dh, S]`, as many bytes) in the
+    step's largest sampler call: the prompts' shared cache, then the rows' own."""
+    prompts, rows, prompt, response = sampling_calls(config)[largest_sampling_call(config)]
+    k, dh = model_cfg.num_kv_heads, model_cfg.head_dim
+    return [(prompts, k, prompt, dh), (rows, k, response, dh)]
 
 
 _CACHE_AXES = ("batch", "kv_heads", None, None)  # as sampling.py constrains the cache (LayerCache)
@@ -235,19 +237,18 @@ def _training_rows(config, cfg: ModelConfig, mesh, weights: int) -> list[Row]:
 
 def _sampling_rows(config, cfg: ModelConfig, mesh) -> list[Row]:
     role = largest_sampling_call(config)
-    prompts, rows, slots = sampling_calls(config)[role]
-    prompt = bucket_length(config.rollout.max_prompt_len)
-    # Besides the cache: the prefill's cache of the prompts before it is repeated n times, one layer's
-    # float32 prefill scores and probabilities, and the decode step's float32 logits.
+    prompts, rows, prompt, response = sampling_calls(config)[role]
+    # Besides the cache: one layer's float32 prefill scores and probabilities, and the decode step's
+    # float32 logits.
     scores = 2 * shard_bytes((prompts, cfg.num_kv_heads, cfg.group_size, prompt, prompt),
                              ("batch", "kv_heads", None, None, None), 4, mesh)
     logits = 2 * shard_bytes((rows, cfg.vocab_size), ("batch", "vocab"), 4, mesh)
-    transients = _kv_cache_bytes(prompts, slots, cfg, mesh) + scores + logits
+    cache = _kv_cache_bytes(prompts, prompt, cfg, mesh) + _kv_cache_bytes(rows, response, cfg, mesh)
     return [
-        Row("KV cache", "sampling", _kv_cache_bytes(rows, slots, cfg, mesh),
-            f"{role}: {rows} rows x {slots} slots x {cfg.num_layers} layers x k,v ({cfg.compute_dtype})"),
-        Row("sampling transients", "sampling", transients,
-            f"prefill cache of {prompts} prompts before the x{config.rollout.n} repeat, scores, logits"),
+        Row("KV cache", "sampling", cache,
+            f"{role}: {prompts} prompts x {prompt} slots + {rows} rows x {response} slots, "
+            f"x {cfg.num_layers} layers x k,v ({cfg.compute_dtype})"),
+        Row("sampling transients", "sampling", scores + logits, "prefill scores, logits"),
     ]
 
 

@@ -1,10 +1,11 @@
 """Sampling: prefill a batch of left-padded prompts once, then decode with a KV cache, all in one jit.
 
     prompts ──left pad to a bucketed length P──▶ prompt tokens [B, P]
-      ──prefill──▶ KV cache of the P prompt slots and first-token logits, each repeated n times
+      ──prefill──▶ KV cache of the P prompt slots (the prefix), first-token logits repeated n times
       ──▶ DecodeState over R = B·n rows ──decode segments (while loops)──▶ tokens, log-probs [R, N]
 
-Samples of prompt i are rows i·n … i·n+n-1. A row ends with its first stop id; decoding ends early once
+Samples of prompt i are rows i·n … i·n+n-1; they share prompt i's slots of the prefix and each keeps
+its own cache of response slots. A row ends with its first stop id; decoding ends early once
 every row has. Greedy decoding is temperature 0.
 
 The log-prob reported for a token is log softmax of the model's raw logits (temperature 1, no top-k /
@@ -93,7 +94,8 @@ class DecodeState(NamedTuple):
     done: jax.Array          # [R] bool: the row has emitted a stop id
     positions: jax.Array     # [R] int32: RoPE position of the last generated token
     kv_mask: jax.Array       # [R, P + N] bool: real prompt slots and all response slots
-    cache: list[LayerCache]  # per layer, keys [R, K, Dh, S] and values [R, K, S, Dh], S <= P + N
+    prefix: list[LayerCache]  # per layer, the prompts' keys [B, K, Dh, P] and values, shared by n rows each
+    cache: list[LayerCache]  # per layer, the responses' keys [R, K, Dh, S] and values [R, K, S, Dh], S < N
     key: jax.Array           # PRNG key; step t draws with fold_in(key, t)
 
 
@@ -178,7 +180,7 @@ def _constrain_state(state: DecodeState, mesh: Mesh | None) -> DecodeState:
     rows = lambda x: _constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh)
     return state._replace(tokens=rows(state.tokens), logprobs=rows(state.logprobs), done=rows(state.done),
                           positions=rows(state.positions), kv_mask=rows(state.kv_mask),
-                          cache=_constrain_cache(state.cache, mesh))
+                          prefix=_constrain_cache(state.prefix, mesh), cache=_constrain_cache(state.cache, mesh))
 
 
 def _grow_cache(cache: list[LayerCache], length: int) -> list[LayerCache]:
@@ -200,13 +202,14 @@ def segment_ends(max_new_tokens: int) -> list[int]:
 
 def _prefill(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array,
              params: SamplingParams, mesh: Mesh | None) -> DecodeState:
-    """Runs the `[B, P]` prompts once, repeats the cache n times and samples each row's first token.
+    """Runs the `[B, P]` prompts once and samples each row's first token.
 
-    The returned cache holds only the P prompt slots; decoding grows it.
+    The prompts' cache becomes the prefix that each prompt's n rows share; the rows' own cache starts
+    empty and decoding grows it.
     """
     (b, p), n, new = prompt_tokens.shape, params.n, params.max_new_tokens
-    hidden, cache = model.hidden_states(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask,
-                                        _constrain_cache(model.init_cache(b, p), mesh), 0)
+    hidden, prefix = model.hidden_states(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask,
+                                         _constrain_cache(model.init_cache(b, p), mesh), 0)
     logits = model.logits(hidden[:, -1])  # [B, V]: left padding puts every prompt's end at P-1
     repeat = lambda x: jnp.repeat(x, n, axis=0)
     state = DecodeState(
@@ -216,7 +219,8 @@ def _prefill(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Arra
         done=jnp.zeros((b * n,), bool),
         positions=repeat(prompt_mask.sum(axis=1, dtype=jnp.int32)) - 1,
         kv_mask=repeat(jnp.concatenate([prompt_mask, jnp.ones((b, new), bool)], axis=1)),
-        cache=jax.tree.map(repeat, cache),
+        prefix=prefix,
+        cache=model.init_cache(b * n, 0),
         key=key,
     )
     return _emit(_constrain_state(state, mesh), repeat(logits), params)
@@ -226,18 +230,18 @@ def _decode_segment(model: Transformer, state: DecodeState, end: int, params: Sa
                     mesh: Mesh | None) -> DecodeState:
     """Generates tokens `state.step` … `end - 1` (fewer once every row has stopped).
 
-    The cache is first grown to P + end - 1 slots, all that step end - 1 can have filled, so the
+    The rows' cache is first grown to end - 1 slots, all that step end - 1 can have filled, so the
     segment's queries never read slots that no step of it can reach.
     """
     prompt_len = state.kv_mask.shape[1] - params.max_new_tokens
-    length = prompt_len + end - 1
-    kv_mask = state.kv_mask[:, :length]
+    length = end - 1
+    kv_mask = state.kv_mask[:, :prompt_len + length]
 
     def step(state: DecodeState) -> DecodeState:
         last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [R, 1]
         positions = state.positions + 1
-        hidden, cache = model.hidden_states(last, positions[:, None], kv_mask, state.cache,
-                                            prompt_len + state.step - 1)
+        hidden, cache = model.hidden_states(last, positions[:, None], kv_mask, state.cache, state.step - 1,
+                                            state.prefix)
         state = state._replace(positions=positions, cache=cache)
         return _constrain_state(_emit(state, model.logits(hidden[:, 0]), params), mesh)
 

@@ -56,11 +56,11 @@ def allocated():
                                       jax.tree.map(lambda x: x.sharding, params),
                                       transform_non_params=lambda _: NamedSharding(mesh, mesh_lib.P()))
     opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
-    shape = plan.kv_cache_shape(_tiny_config(), TINY)
-    cache_sharding = NamedSharding(mesh, mesh_lib.logical_spec(("batch", "kv_heads", None, None),
-                                                               shape, mesh))
-    zeros = jax.jit(lambda: jnp.zeros(shape, TINY.compute_dtype), out_shardings=cache_sharding)
-    cache = [(zeros(), zeros()) for _ in range(TINY.num_layers)]
+    def zeros(shape):
+        sharding = NamedSharding(mesh, mesh_lib.logical_spec(("batch", "kv_heads", None, None), shape, mesh))
+        return jax.jit(lambda: jnp.zeros(shape, TINY.compute_dtype), out_shardings=sharding)()
+    cache = [(zeros(shape), zeros(shape)) for shape in plan.kv_cache_shapes(_tiny_config(), TINY)
+             for _ in range(TINY.num_layers)]
     return {"parameters": params, "optimizer state": opt_state, "KV cache": cache}
 
 
@@ -71,9 +71,13 @@ def test_plan_matches_allocated_bytes(allocated, row):
     assert abs(planned - actual) <= 0.1 * actual, f"{row}: planned {planned} B, allocated {actual} B"
 
 
-def test_kv_cache_is_the_solver_call():
-    # B·n·n = 8 solver rows of 16 (bucketed prompt) + 8 slots beat 4 proposer rows of 16 + 24.
-    assert plan.kv_cache_shape(_tiny_config(), TINY) == (8, 2, 24, 16)
+def test_kv_cache_is_the_larger_sampler_call():
+    c = _tiny_config()  # B = n = 2, prompts bucketed to 16 slots
+    c.rollout.proposer_max_new_tokens, c.rollout.solver_max_new_tokens = 24, 16
+    # Solver: 4 prompts x 16 + B·n·n = 8 rows x 16 = 192 slots; proposer: 2 x 16 + 4 x 24 = 128.
+    assert plan.kv_cache_shapes(c, TINY) == [(4, 2, 16, 16), (8, 2, 16, 16)]
+    c.rollout.proposer_max_new_tokens = 48  # proposer: 2 x 16 + 4 x 48 = 224
+    assert plan.kv_cache_shapes(c, TINY) == [(2, 2, 16, 16), (4, 2, 48, 16)]
 
 
 def test_fsdp_quarters_the_embed_sharded_weights():
@@ -137,6 +141,6 @@ def test_cli_prints_the_table_offline():
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr
-    for text in ("Qwen/Qwen2.5-3B-Instruct", "fsdp=16", "KV cache", "solver: 1024 rows x 3584 slots",
+    for text in ("Qwen/Qwen2.5-3B-Instruct", "fsdp=16", "KV cache", "solver: 256 prompts x 512 slots + 1024 rows x 3072 slots",
                  "total", "v5p: 95.0 GiB per device", "fits"):
         assert text in run.stdout, run.stdout

@@ -111,13 +111,15 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.group_size = g
 
-    def __call__(self, x, positions, kv_mask, rope, cache: LayerCache | None, write_index):
-        """x `[B, T, D]`, positions `[B, T]`, kv_mask `[B, S]` (True = a real key), rope = (cos, sin)
+    def __call__(self, x, positions, kv_mask, rope, cache: LayerCache | None, write_index,
+                 prefix: LayerCache | None = None):
+        """x `[B, T, D]`, positions `[B, T]`, kv_mask `[B, S']` (True = a real key), rope = (cos, sin)
         from `rope_tables`.
 
-        Without a cache the keys are the T inputs themselves (S = T). With one, the T new keys and
+        Without a cache the keys are the T inputs themselves (S' = S = T). With one, the T new keys and
         values are written at `write_index` and the queries attend over all S cache slots.
-        Keys and values take the cache's layouts (see LayerCache) in both cases.
+        Keys and values take the cache's layouts (see LayerCache) in both cases. A `prefix` of P slots
+        (see `attend`) comes before the row's own keys: S' = P + S, and its slots come first in kv_mask.
         """
         dt = x.dtype
         qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
@@ -138,36 +140,66 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), write_index, 2)
             cache = LayerCache(k, v)
             query_slot = write_index + jnp.arange(t)
-        key_slot = jnp.arange(v.shape[2])
-        mask = kv_mask[:, None, :] & (key_slot[None, None, :] <= query_slot[None, :, None])  # [B,T,S]
-        out = attend(q, k.astype(dt), v.astype(dt), mask).reshape(b, t, -1)  # [B, T, H·Dh]
+        prefix_len = 0 if prefix is None else prefix.v.shape[2]
+        key_slot = jnp.arange(prefix_len + v.shape[2])
+        causal = key_slot[None, None, :] <= prefix_len + query_slot[None, :, None]
+        mask = kv_mask[:, None, :] & causal  # [B, T, S']
+        out = attend(q, k.astype(dt), v.astype(dt), mask, prefix).reshape(b, t, -1)  # [B, T, H·Dh]
         # One [H·Dh, D] matmul: contracting (H, Dh) as two dims made XLA copy the weight every step.
         return out @ self.o[...].astype(dt).reshape(out.shape[-1], -1), cache
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention: q `[B, T, K, G, Dh]`, k `[B, K, Dh, S]`, v `[B, K, S, Dh]`, mask `[B, T, S]`
-    -> `[B, T, K, G, Dh]`. Scores and softmax in float32."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+           prefix: LayerCache | None = None) -> jax.Array:
+    """Softmax attention: q `[B, T, K, G, Dh]`, k `[B, K, Dh, S]`, v `[B, K, S, Dh]`, mask `[B, T, S']`
+    -> `[B, T, K, G, Dh]`. Scores and softmax in float32.
+
+    A `prefix` (keys `[B/n, K, Dh, P]`, values `[B/n, K, P, Dh]`) holds P slots shared by each group of
+    n consecutive rows, attended before the row's own S keys (S' = P + S; the mask covers the prefix
+    first). The n samples of a prompt read its keys and values once per group, not once per row:
+    decoding reads the prompt's cache 1/n as often (bench/vs_trl.py: decoding 8% faster at n = 8).
+    """
+    b, t, kv_heads, g, dh = q.shape
+    scores = _scores(q, k)  # [B, K, G, T, S]
+    if prefix is not None:
+        grouped = q.reshape((prefix.k.shape[0], -1) + q.shape[1:])  # [B/n, n, T, K, G, Dh]
+        shared = jnp.einsum("bntkgh,bkhs->bnkgts", grouped, prefix.k.astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.concatenate([shared.reshape((b,) + shared.shape[2:]), scores], axis=-1)
+    scores = scores / math.sqrt(dh)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if prefix is None:
+        return _weighted_values(probs, v, q.dtype)
+    prefix_len = prefix.v.shape[2]
+    shared = probs[..., :prefix_len].astype(q.dtype).reshape((prefix.v.shape[0], -1) + probs.shape[1:-1]
+                                                              + (prefix_len,))
+    shared = jnp.einsum("bnkgts,bksh->bntkgh", shared, prefix.v.astype(q.dtype)).reshape(q.shape)
+    return shared + _weighted_values(probs[..., prefix_len:], v, q.dtype)
+
+
+def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """q `[B, T, K, G, Dh]` · k `[B, K, Dh, S]` -> `[B, K, G, T, S]` float32, unscaled."""
     b, t, kv_heads, g, dh = q.shape
     if t == 1:
         # One query per row (decoding): multiply-and-sum in float32, which XLA fuses into one pass over
         # the cache. Its CPU dot for these tiny per-(B, K) products was 3-4x slower (bench/sampling.py).
         q32 = q[:, 0].astype(jnp.float32)  # [B, K, G, Dh]
-        scores = jnp.sum(q32[..., None] * k[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None]
-    else:
-        # The G·T queries of a kv head as the rows of one plain matmul per (B, K). As an einsum over the
-        # [B, T, K, G, Dh] layout, XLA on CPU computed transposed products in its slower generic dot:
-        # the reference pass took 4% longer, a training step 2% (bench/vs_trl.py).
-        q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, dh)
-        scores = (q @ k).reshape(b, kv_heads, g, t, -1).astype(jnp.float32)  # [B, K, G, T, S]
-    scores = scores / math.sqrt(dh)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+        return jnp.sum(q32[..., None] * k[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None]
+    # The G·T queries of a kv head as the rows of one plain matmul per (B, K). As an einsum over the
+    # [B, T, K, G, Dh] layout, XLA on CPU computed transposed products in its slower generic dot:
+    # the reference pass took 4% longer, a training step 2% (bench/vs_trl.py).
+    q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, dh)
+    return (q @ k).reshape(b, kv_heads, g, t, -1).astype(jnp.float32)
+
+
+def _weighted_values(probs: jax.Array, v: jax.Array, dtype) -> jax.Array:
+    """probs `[B, K, G, T, S]` (float32) · v `[B, K, S, Dh]` -> `[B, T, K, G, Dh]` in `dtype`."""
+    b, kv_heads, g, t, s = probs.shape
     if t == 1:
         out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None].astype(jnp.float32), axis=3)[:, None]
-        return out.astype(q.dtype)
-    out = probs.astype(q.dtype).reshape(b, kv_heads, g * t, -1) @ v  # [B, K, G·T, Dh]
-    return out.reshape(b, kv_heads, g, t, dh).transpose(0, 3, 1, 2, 4)
+        return out.astype(dtype)
+    out = probs.astype(dtype).reshape(b, kv_heads, g * t, s) @ v  # [B, K, G·T, Dh]
+    return out.reshape(b, kv_heads, g, t, -1).transpose(0, 3, 1, 2, 4)
 
 
 class MLP(nnx.Module):
@@ -223,14 +255,14 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, kv_mask, rope, cache, write_index):
-        attn_out, cache = self.attn(self.input_norm(x), positions, kv_mask, rope, cache, write_index)
+    def __call__(self, x, positions, kv_mask, rope, cache, write_index, prefix):
+        attn_out, cache = self.attn(self.input_norm(x), positions, kv_mask, rope, cache, write_index, prefix)
         x = x + attn_out
         return x + self.mlp(self.post_attn_norm(x)), cache
 
 
-def _run_layer(layer, x, positions, kv_mask, rope, cache, write_index):
-    return layer(x, positions, kv_mask, rope, cache, write_index)
+def _run_layer(layer, x, positions, kv_mask, rope, cache, write_index, prefix):
+    return layer(x, positions, kv_mask, rope, cache, write_index, prefix)
 
 
 _run_layer_remat = nnx.remat(_run_layer)
@@ -257,16 +289,19 @@ class Transformer(nnx.Module):
         return self.logits(hidden)
 
     def hidden_states(self, input_ids, positions, kv_mask, cache: list[LayerCache] | None = None,
-                      write_index=0):
-        """Final-normed hidden states `[B, T, D]` and the updated cache (None without one)."""
+                      write_index=0, prefix: list[LayerCache] | None = None):
+        """Final-normed hidden states `[B, T, D]` and the updated cache (None without one).
+
+        `prefix`: per layer, a cache that groups of rows share ahead of their own (see `attend`).
+        """
         cfg = self.config
         rope = rope_tables(positions, rope_inv_freq(cfg), cfg.compute_dtype)
         x = self.embed[...].astype(cfg.compute_dtype)[input_ids]
         run = _run_layer_remat if cfg.remat else _run_layer
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = run(layer, x, positions, kv_mask, rope,
-                                 None if cache is None else cache[i], write_index)
+            x, layer_cache = run(layer, x, positions, kv_mask, rope, None if cache is None else cache[i],
+                                 write_index, None if prefix is None else prefix[i])
             new_cache.append(layer_cache)
         return self.final_norm(x), (None if cache is None else new_cache)
 
