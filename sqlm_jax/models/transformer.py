@@ -157,7 +157,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     A `prefix` (keys `[B/n, K, Dh, P]`, values `[B/n, K, P, Dh]`) holds P slots shared by each group of
     n consecutive rows, attended before the row's own S keys (S' = P + S; the mask covers the prefix
     first). The n samples of a prompt read its keys and values once per group, not once per row:
-    decoding reads the prompt's cache 1/n as often (bench/vs_trl.py: decoding 8% faster at n = 8).
+    decoding reads the prompt's cache 1/n as often (bench/vs_trl.py: decoding ~6% faster at n = 8).
     """
     b, t, kv_heads, g, dh = q.shape
     scores = _scores(q, k)  # [B, K, G, T, S]
@@ -218,7 +218,7 @@ class MLP(nnx.Module):
 def swiglu(x: jax.Array, gate_up: jax.Array) -> jax.Array:
     """`silu(x @ gate) · (x @ up)` for x `[N, D]` and the fused weight `gate_up [D, 2, F]` -> `[N, F]`.
 
-    The backward pass is written by hand; autodiff's cost ~6% more per training step on CPU
+    The backward pass is written by hand; autodiff's cost ~5% more per training step on CPU
     (bench/vs_trl.py), in two places:
       * the gradients of the gate and up slices were two zero-padded `[N, 2, F]` copies, added; here
         they are stacked once;
