@@ -162,19 +162,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     b, t, kv_heads, g, dh = q.shape
     scores = _scores(q, k)  # [B, K, G, T, S]
     if prefix is not None:
-        grouped = q.reshape((prefix.k.shape[0], -1) + q.shape[1:])  # [B/n, n, T, K, G, Dh]
-        shared = jnp.einsum("bntkgh,bkhs->bnkgts", grouped, prefix.k.astype(q.dtype)).astype(jnp.float32)
-        scores = jnp.concatenate([shared.reshape((b,) + shared.shape[2:]), scores], axis=-1)
+        groups, prefix_len = prefix.k.shape[0], prefix.k.shape[3]
+        grouped_q = q.reshape((groups, -1) + q.shape[1:])  # [B/n, n, T, K, G, Dh]
+        prefix_scores = jnp.einsum("bntkgh,bkhs->bnkgts", grouped_q, prefix.k.astype(q.dtype))
+        scores = jnp.concatenate([prefix_scores.reshape((b,) + prefix_scores.shape[2:]).astype(jnp.float32),
+                                  scores], axis=-1)
     scores = scores / math.sqrt(dh)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if prefix is None:
         return _weighted_values(probs, v, q.dtype)
-    prefix_len = prefix.v.shape[2]
-    shared = probs[..., :prefix_len].astype(q.dtype).reshape((prefix.v.shape[0], -1) + probs.shape[1:-1]
-                                                              + (prefix_len,))
-    shared = jnp.einsum("bnkgts,bksh->bntkgh", shared, prefix.v.astype(q.dtype)).reshape(q.shape)
-    return shared + _weighted_values(probs[..., prefix_len:], v, q.dtype)
+    prefix_probs = probs[..., :prefix_len].astype(q.dtype).reshape((groups, -1) + probs.shape[1:-1]
+                                                                    + (prefix_len,))
+    prefix_out = jnp.einsum("bnkgts,bksh->bntkgh", prefix_probs, prefix.v.astype(q.dtype)).reshape(q.shape)
+    return prefix_out + _weighted_values(probs[..., prefix_len:], v, q.dtype)
 
 
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
