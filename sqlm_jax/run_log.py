@@ -1,4 +1,5 @@
-"""What a run writes for people to read: TensorBoard events, metrics.jsonl, samples.jsonl, console."""
+"""What a run writes for people to read: TensorBoard events, metrics.jsonl, samples.jsonl, questions.jsonl,
+console."""
 from __future__ import annotations
 
 import json
@@ -52,12 +53,18 @@ class RunLog:
         self.samples_file.flush()
 
     def questions(self, step: int, proposals, valid, solver_reward_sums, proposer_rewards) -> None:
-        """Every proposal of the step, one line: the raw material of the curriculum and PCA plots."""
+        """Every proposal of the step, one line: the raw material of the curriculum and PCA plots.
+
+        `proposals`, `valid`, `solver_reward_sums` and `proposer_rewards` are `[B·n]`, one per proposal;
+        a solver reward sum is over the question's n answers (under the majority reward, how many agree
+        with the majority; under unit tests, the sum of their pass rates), so sum / n is the question's
+        mean solver reward.
+        """
         if not self.enabled:
             return
         self.questions_file.write(json.dumps({
             "step": step, "proposals": list(proposals), "valid": _plain(np.asarray(valid)),
-            "agreement": _plain(np.asarray(solver_reward_sums)),
+            "solver_reward_sum": _plain(np.asarray(solver_reward_sums)),
             "proposer_reward": _plain(np.asarray(proposer_rewards))}) + "\n")
         self.questions_file.flush()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import subprocess
@@ -11,9 +12,12 @@ from collections import Counter
 from fractions import Fraction
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sqlm_jax.tasks import TASKS, Question, answers, get_task
 from sqlm_jax.tasks.algebra import linear_equation_problems
+from sqlm_jax.tasks.features import SOLVER_REWARD, numbers, operand_digits, operator_counts, variables
 from sqlm_jax.tasks.arithmetic import multiplication_pairs, sample_operand
 
 # ---------------------------------------------------------------------------------------------
@@ -26,7 +30,8 @@ def test_get_task_builds_every_task_with_the_protocol():
         assert task.name == name
         assert task.reward == ("unit_tests" if name == "coding" else "majority")
         assert task.proposer_prompt
-        for method in ("parse_question", "solver_prompt", "parse_answer", "heldout_problems", "score"):
+        for method in ("parse_question", "solver_prompt", "parse_answer", "heldout_problems", "score",
+                       "question_features"):
             assert callable(getattr(task, method))
 
 
@@ -443,3 +448,69 @@ def test_coding_score_runs_the_sandbox():
 
 def test_registry_names_match_classes():
     assert {name: cls.name for name, cls in TASKS.items()} == {n: n for n in TASKS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Question features
+
+
+def test_feature_pieces():
+    assert numbers("-5 - 1,234.5 and 07") == [5, 1234, 7]
+    assert operand_digits("347*26") == [3, 2]
+    assert operator_counts("(1 + 2) * -3 / 4") == {"add": 1, "sub": 0, "mul": 1, "div": 1}
+    assert operator_counts("What is 6 times 7?") == {"add": 0, "sub": 0, "mul": 1, "div": 0}
+    assert variables("Solve 3*x + 2 = 11 for x. I have a number.") == {"x"}
+
+
+def test_arithmetic_features():
+    task = get_task("arithmetic")
+    f = task.question_features(Question("347*26"))
+    assert (f["digits_a"], f["digits_b"], f["product_digits"]) == (3, 2, 4)  # 347*26 = 9022
+    assert (f["op_mul"], f["op_add"], f["op_none"]) == (1, 0, 0)
+    assert (f["log10_a"], f["numbers"], f["chars"]) == (pytest.approx(math.log10(348)), 2, 6)
+    f = task.question_features(Question("What is 12 + 5?"))
+    assert (f["digits_a"], f["digits_b"], f["op_add"]) == (2, 1, 1)
+    f = task.question_features(Question("-5 - 1,234 x 7"))  # a sign is not an operator
+    assert (f["digits_a"], f["digits_b"], f["op_sub"], f["op_mul"]) == (1, 4, 0.5, 0.5)
+    f = task.question_features(Question("Compute the product of 12 and 30."))
+    assert f["op_mul"] == 1
+    f = task.question_features(Question("Sure! Here is a problem:"))
+    assert (f["digits_a"], f["numbers"], f["op_none"]) == (0, 0, 1)
+
+
+def test_algebra_features():
+    task = get_task("algebra")
+    f = task.question_features(Question("Solve 3*x + 2 = 11 for x."))
+    assert (f["variables"], f["equations"]) == (1, 1)
+    assert f == {"variables": 1, "equations": 1, "numbers": 3, "digits_max": 2, "words": 8}
+    proposal = ("1. ...\n2. ...\n**Selected Question:** If 2a + 3b = 12 and a - b = 1, find a and b. "
+                "A number is used 5 times.")
+    f = task.question_features(task.parse_question(proposal))
+    assert (f["variables"], f["equations"]) == (2, 2)
+
+
+def test_coding_features():
+    task = get_task("coding")
+    proposal = ("Problem Description:\nSum the list.\n\nTest Cases:\n1 2 3 ||| 6\n4 ||| 4\n-1 1 ||| 0\n")
+    f = task.question_features(task.parse_question(proposal))
+    assert (f["tests"], f["words"], f["input_ints"]) == (3, 5, 2)
+    assert task.question_features(Question("no tests here"))["tests"] == 0
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+@given(text=st.text(max_size=200), tests=st.lists(st.tuples(st.text(max_size=20), st.text(max_size=5)),
+                                                  max_size=4))
+def test_question_features_have_fixed_keys_and_finite_values(name, text, tests):
+    task = get_task(name)
+    f = task.question_features(Question(text, tuple(tests)))
+    assert list(f) == list(task.question_features(Question("")))
+    assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in f.values())
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_curriculum_panels_draw_features_the_task_computes(name):
+    task = get_task(name)
+    keys = set(task.question_features(Question(""))) | {SOLVER_REWARD}
+    curves = [key for panel in task.curriculum_panels for key, _ in panel.curves]
+    assert curves and set(curves) <= keys
+    assert SOLVER_REWARD in curves

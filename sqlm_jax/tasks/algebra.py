@@ -15,6 +15,8 @@ from fractions import Fraction
 from typing import ClassVar
 
 from sqlm_jax.tasks.base import MathTask, Question, load_hub_records, load_records, sample
+from sqlm_jax.tasks.features import (MAJORITY_AGREEMENT_PANEL, FeaturePanel, operand_digits, variables,
+                                     word_count)
 
 # Reference wording (verl fork, examples/data_preprocess/selfplay.py, linear_equations_v1).
 ALGEBRA_PROPOSER_PROMPT = (
@@ -119,6 +121,10 @@ class AlgebraTask(MathTask):
     """
 
     name: ClassVar[str] = "algebra"
+    curriculum_panels: ClassVar[tuple[FeaturePanel, ...]] = (
+        FeaturePanel("Unknowns", "count", (("variables", "variables"), ("equations", "'=' signs"))),
+        FeaturePanel("Question length", "words", (("words", "words"),)),
+        MAJORITY_AGREEMENT_PANEL)
 
     proposer_prompt: str = ALGEBRA_PROPOSER_PROMPT
     data_path: str | None = None
@@ -139,3 +145,15 @@ class AlgebraTask(MathTask):
         else:
             records = load_hub_records(self.dataset, self.dataset_config, self.dataset_split)
         return [(Question(_record_question(r)), _record_answer(r)) for r in sample(records, n, seed)]
+
+    def question_features(self, question: Question) -> dict[str, float]:
+        """variables: distinct letters used as variables; equations: "=" signs; numbers: their count;
+        digits_max: digits of the largest number; words: length in words."""
+        digits = operand_digits(question.text)
+        return {
+            "variables": float(len(variables(question.text))),
+            "equations": float(question.text.count("=")),
+            "numbers": float(len(digits)),
+            "digits_max": float(max(digits, default=0)),
+            "words": float(word_count(question.text)),
+        }

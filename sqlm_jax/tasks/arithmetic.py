@@ -6,11 +6,14 @@ set (TinyZero's multiply-3_digit generator, which the reference evaluates on).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import ClassVar
 
 from sqlm_jax.tasks.base import MathTask, Question
+from sqlm_jax.tasks.features import (MAJORITY_AGREEMENT_PANEL, OPERATORS, FeaturePanel, numbers,
+                                     operand_digits, operator_counts)
 
 # Reference wording (verl fork, examples/data_preprocess/selfplay.py, prompt_version arithmetic_v1).
 ARITHMETIC_PROPOSER_PROMPT = (
@@ -65,6 +68,14 @@ class ArithmeticTask(MathTask):
     """
 
     name: ClassVar[str] = "arithmetic"
+    curriculum_panels: ClassVar[tuple[FeaturePanel, ...]] = (
+        FeaturePanel("Operand size", "digits", (("digits_a", "1st operand"), ("digits_b", "2nd operand"),
+                                                ("product_digits", "product of operands"))),
+        FeaturePanel("Operator mix", "share of valid proposals",
+                     (("op_add", "+"), ("op_sub", "−"), ("op_mul", "×"), ("op_div", "÷"),
+                      ("op_none", "none found")),
+                     stacked=True, fraction=True),
+        MAJORITY_AGREEMENT_PANEL)
 
     proposer_prompt: str = ARITHMETIC_PROPOSER_PROMPT
     # Held-out set options, defaults = the reference. The tiny demo sets a uniform operand family
@@ -83,3 +94,31 @@ class ArithmeticTask(MathTask):
             (Question(self.question_template.format(a=a, b=b)), str(a * b))
             for a, b in multiplication_pairs(n, seed, self.heldout_a_range, self.heldout_b_range)
         ]
+
+    def question_features(self, question: Question) -> dict[str, float]:
+        """digits_a / digits_b / digits_max: digits of the 1st / 2nd / largest number; product_digits:
+        digits of the numbers' product; log10_a / log10_b: log10(1 + the 1st / 2nd number); numbers and
+        operators: their counts; op_add, op_sub, op_mul, op_div: each operator's share of the
+        question's operators (op_none = 1 when none is found); chars: length in characters."""
+        values = numbers(question.text)
+        digits = operand_digits(question.text)
+        # Digits of the operands' product: the size of the answer of a multiplication, and a scale of
+        # the work for the other operators.
+        product_digits = sum(math.log10(max(v, 1)) for v in values)
+        counts = operator_counts(question.text)
+        total = sum(counts.values())
+        return {
+            "digits_a": float(digits[0]) if digits else 0.0,
+            "digits_b": float(digits[1]) if len(digits) > 1 else 0.0,
+            "digits_max": float(max(digits, default=0)),
+            "product_digits": math.floor(product_digits) + 1.0 if values else 0.0,
+            # Continuous sizes, which tell apart questions with equally long operands.
+            "log10_a": math.log10(values[0] + 1) if values else 0.0,
+            "log10_b": math.log10(values[1] + 1) if len(values) > 1 else 0.0,
+            "numbers": float(len(values)),
+            "operators": float(total),
+            # Shares, so that their mean over proposals is the operator mix.
+            **{f"op_{name}": counts[name] / total if total else 0.0 for name in OPERATORS},
+            "op_none": 0.0 if total else 1.0,
+            "chars": float(len(question.text)),
+        }

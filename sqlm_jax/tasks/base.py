@@ -2,8 +2,9 @@
 
 A task owns all the text handling of one topic: the proposer prompt, turning a proposal into a
 :class:`Question` (or None when the proposal is invalid), the solver prompt, extracting the answer
-a solver response votes with, and a held-out evaluation set with ground truth. Ground truth is for
-evaluation only; it never feeds a training reward.
+a solver response votes with, a held-out evaluation set with ground truth, and the features that
+describe how hard a question is (for the curriculum plots). Ground truth is for evaluation only; it
+never feeds a training reward.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from sqlm_jax.tasks import answers
+from sqlm_jax.tasks.features import FeaturePanel
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,18 @@ class Task(Protocol):
 
     ``system_prompt`` is the system message the reference puts before the solver prompt (only the
     coding task has one; None elsewhere). Chat templates are applied by the caller.
+
+    ``question_features`` maps a question to a fixed set of named difficulty measures (operand
+    digits, operators, variables, test cases, length ...): the same keys for every question of the
+    task, zeros where a question has none of a thing. ``curriculum_panels`` names which of them the
+    curriculum plot draws, and how.
     """
 
     name: str  # "arithmetic" | "algebra" | "coding"
     reward: str  # "majority" (arithmetic, algebra) | "unit_tests" (coding)
     proposer_prompt: str
     system_prompt: str | None
+    curriculum_panels: tuple[FeaturePanel, ...]
 
     def parse_question(self, text: str) -> Question | None: ...
 
@@ -52,6 +60,8 @@ class Task(Protocol):
     def heldout_problems(self, n: int, seed: int) -> list[tuple[Question, Any]]: ...
 
     def score(self, response: str, truth: Any) -> float: ...
+
+    def question_features(self, question: Question) -> dict[str, float]: ...
 
 
 # The reference's solver instruction for the math tasks (verl fork, ray_trainer.py, parser v1/v2),

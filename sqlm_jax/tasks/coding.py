@@ -13,6 +13,7 @@ from importlib import resources
 from typing import ClassVar
 
 from sqlm_jax.tasks.base import Question, load_records, sample
+from sqlm_jax.tasks.features import SOLVER_REWARD, FeaturePanel, numbers, word_count
 
 # Reference wording (verl fork, examples/data_preprocess/selfplay.py, prompt_version coding_v1).
 CODING_PROPOSER_PROMPT = (
@@ -119,6 +120,12 @@ class CodingTask:
 
     name: ClassVar[str] = "coding"
     reward: ClassVar[str] = "unit_tests"
+    curriculum_panels: ClassVar[tuple[FeaturePanel, ...]] = (
+        FeaturePanel("Test cases", "count", (("tests", "test cases"), ("input_ints", "integers per input"))),
+        FeaturePanel("Problem length", "words", (("words", "words"),)),
+        # The coding solver's reward is the fraction of the proposer's tests its program passes.
+        FeaturePanel("Solver pass rate (mean over n solutions)", "fraction", ((SOLVER_REWARD, "pass rate"),),
+                     fraction=True))
 
     proposer_prompt: str = CODING_PROPOSER_PROMPT
     solver_instruction: str = CODING_SOLVER_INSTRUCTION
@@ -155,3 +162,13 @@ class CodingTask:
         from sqlm_jax.sandbox import run_program  # lazy: the sandbox is optional for everything else
 
         return float(run_program(program, truth).fraction)
+
+    def question_features(self, question: Question) -> dict[str, float]:
+        """tests: the proposer's test cases; words: length of the problem in words; input_ints: mean
+        count of integers in a test's input (0 without tests)."""
+        input_ints = [len(numbers(given)) for given, _ in question.tests]
+        return {
+            "tests": float(len(question.tests)),
+            "words": float(word_count(question.text)),
+            "input_ints": sum(input_ints) / len(input_ints) if input_ints else 0.0,
+        }
