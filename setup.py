@@ -9,20 +9,26 @@ setup(
     packages=find_packages(include=["sqlm_jax", "sqlm_jax.*"]),
     package_data={"sqlm_jax": ["assets/**/*", "tasks/data/*"]},
     include_package_data=True,
-    # Lower bounds are the versions this project was built and tested with.
+    # Every package the code imports, or that a transformers feature it uses needs (jinja2: chat
+    # templates). Lower bounds are the versions this project was built and tested with; upper bounds
+    # stop before the next release line of the packages whose minor releases break their users
+    # (jax 0.11.1 removed a class flax <= 0.12.8 uses). tpu/setup.sh and the notebook install the TPU
+    # build of the same jax (JAX_VERSION there; tests/test_tpu_scripts.py checks they agree).
     install_requires=[
-        "jax>=0.10.2",
-        "flax>=0.12.8",
-        "optax>=0.2.8",
-        "orbax-checkpoint>=0.12.8",
-        "transformers>=5.24",
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "etils[epath]>=1.15",
+        "transformers>=5.24,<6",
         "tokenizers>=0.23",
+        "jinja2>=3.1",
         "sentencepiece>=0.2.3",
         "ml-collections>=1.1.0",
         "safetensors>=0.8.0",
         "huggingface-hub>=2.4",
         "absl-py>=2.5",
-        "numpy>=2.0",
+        "numpy>=2.0,<3",
         "tqdm>=4.70",
         "tensorboardX>=2.6.5",
         "matplotlib>=3.11",

@@ -11,13 +11,16 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with an unknown config key reported in one line instead of a traceback."""
+    """absl's flag parsing, with an unknown config key reported in one line instead of a traceback.
+
+    `--config=configs/NAME.py` falls back to the shipped config when there is no such file here."""
+    from sqlm_jax import configs
     try:
-        return flags.FLAGS(argv)
+        return flags.FLAGS(configs.resolve_flag(argv))
     except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown key>=...
         hint = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
         sys.exit(f"error: unknown config key: {hint}")
-    except flags.Error as e:
+    except (flags.Error, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -65,6 +65,9 @@ def pad_left(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Loads the tokenizer of an HF folder or hub id; stop ids include generation_config's eos ids."""
+    # Only transformers' tokenizers are used, never its PyTorch models: its "PyTorch was not found"
+    # advice would tell a user of this JAX project to install something it does not need.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer
     from sqlm_jax.models.hf import resolve_checkpoint
 

@@ -2,6 +2,7 @@
 errors are clear, and the commands launch.sh and stop.sh send to the workers work (run here, locally)."""
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -10,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
+from packaging.requirements import Requirement
 
 TPU = Path(__file__).resolve().parents[1] / "tpu"
 SCRIPTS = sorted(p.name for p in TPU.glob("*.sh") if p.name != "common.sh")
@@ -110,10 +113,26 @@ def test_setup_copies_the_working_tree_and_installs_jax_tpu(gcloud):
     assert "--worker=all" in scp and "--worker=all" in ssh
     remote = _remote_command(ssh)
     for text in ("tar -xzf", "uv venv --seed --python 3.11", "pip install -q -e $HOME/sqlm_jax",
-                 "pip install -q -U 'jax[tpu]' gcsfs"):
+                 f"pip install -q 'jax[tpu]=={jax.__version__}' gcsfs"):
         assert text in remote
     assert subprocess.run(["bash", "-n", "-c", remote]).returncode == 0
     assert not list(Path(env["TMPDIR"]).glob("*.tgz")), "--dry-run must not write the archive"
+
+
+def test_tpu_installs_the_jax_that_was_tested():
+    """tpu/setup.sh and the notebook pin the TPU jax to the one these tests run on, which setup.py's
+    range admits (a TPU VM would otherwise take the newest jax beside the tested flax)."""
+    tested = jax.__version__
+    pinned = re.search(r'^JAX_VERSION="(.+)"$', (TPU / "setup.sh").read_text(), re.M).group(1)
+    notebook = json.loads((TPU.parent / "notebooks" / "colab_tpu_demo.ipynb").read_text())
+    settings = "".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    assert pinned == tested and f'JAX_VERSION = "{tested}"' in settings
+    setup_py = (TPU.parent / "setup.py").read_text()
+    jax_req = Requirement(re.search(r'"(jax[<>=].*?)"', setup_py).group(1))
+    assert jax_req.specifier.contains(tested) and not jax_req.specifier.contains("0.11.1")
+    for name in ("flax", "orbax-checkpoint"):  # the next minor lines are known to break
+        spec = Requirement(re.search(rf'"({name}[<>=].*?)"', setup_py).group(1)).specifier
+        assert any(s.operator == "<" for s in spec), f"{name} needs an upper bound in setup.py"
 
 
 def test_setup_clones_a_repo_when_given_one(gcloud):
@@ -121,7 +140,7 @@ def test_setup_clones_a_repo_when_given_one(gcloud):
     (ssh,) = _dry_run("setup.sh", BASE + ["--repo=https://example.com/sqlm_jax.git", "--ref=v1"], env)
     remote = _remote_command(ssh)
     assert "git clone -q https://example.com/sqlm_jax.git $HOME/sqlm_jax" in remote
-    assert "checkout -q v1" in remote and "pip install -q -U 'jax[tpu]'" in remote
+    assert "checkout -q v1" in remote and f"pip install -q 'jax[tpu]=={jax.__version__}'" in remote
     assert subprocess.run(["bash", "-n", "-c", remote]).returncode == 0
 
 

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Install the project with the TPU build of JAX on every worker of a TPU VM or pod slice.
 set -euo pipefail
+# The jax this project was tested with (setup.py's lower bound; tests/test_tpu_scripts.py checks both).
+JAX_VERSION="0.10.2"
 
 USAGE="usage: tpu/setup.sh --name=NAME --zone=ZONE [--repo=URL [--ref=REF]] [--python=3.11]
                      [--project=PROJECT] [--dry-run]
 
 On every worker: puts the code in ~/sqlm_jax, makes a Python virtualenv ~/sqlm_venv (with uv: the
 TPU images ship an older Python than the project needs), then pip installs the project (-e) and
-\"jax[tpu]\". Run it again after changing the code; the virtualenv is kept.
+the TPU build of the tested jax (\"jax[tpu]==$JAX_VERSION\"). Run it again after changing the code;
+the virtualenv is kept.
   (default)  copy this working tree (tracked and untracked files git does not ignore) to the workers
   --repo     git clone URL on each worker instead (and fetch + check out REF on later runs)
   --ref      commit, tag or origin/BRANCH to check out with --repo (default origin/HEAD)
@@ -28,7 +31,8 @@ INSTALL="export PATH=\$HOME/.local/bin:\$PATH"
 INSTALL+=" && (command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh)"
 INSTALL+=" && ([ -x $REMOTE_VENV/bin/python ] || uv venv --seed --python $(quote "$PYTHON") $REMOTE_VENV)"
 INSTALL+=" && $REMOTE_VENV/bin/pip install -q -e $REMOTE_DIR"
-INSTALL+=" && $REMOTE_VENV/bin/pip install -q -U 'jax[tpu]' gcsfs"  # gcsfs: gs:// workdirs
+# The TPU build of the tested jax, never the newest (which may break flax). gcsfs: gs:// workdirs.
+INSTALL+=" && $REMOTE_VENV/bin/pip install -q 'jax[tpu]==$JAX_VERSION' gcsfs"
 # Local devices only: a global device count would wait for every other worker's runtime.
 INSTALL+=" && $REMOTE_VENV/bin/python -c 'import jax; print(jax.local_devices())'"
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from sqlm_jax.defaults import base_config
 
-TINY_MODEL = str(Path(__file__).resolve().parents[1] / "sqlm_jax" / "assets" / "tiny")
+# resolve(): configs/ in a checkout is a link to sqlm_jax/configs, where the assets sit beside it.
+TINY_MODEL = str(Path(__file__).resolve().parents[1] / "assets" / "tiny")
 
 
 def get_config():

@@ -1,0 +1,56 @@
+"""The experiment configs, shipped inside the package so an installed `sqlm_jax` has them too.
+
+In a checkout, `configs/` is a link to this folder. Each file defines `get_config()` returning an
+`ml_collections.ConfigDict` built on `sqlm_jax.defaults.base_config()`.
+
+`--config=configs/NAME.py` names a file relative to the working directory; when no such file exists
+(an installed package run from any other directory, a Colab notebook), the shipped `NAME.py` is
+used instead, so the README's commands work wherever they are typed.
+"""
+from __future__ import annotations
+
+import os
+import runpy
+from pathlib import Path
+
+SHIPPED = Path(__file__).resolve().parent
+
+
+def names() -> list[str]:
+    """The shipped experiments, e.g. ['algebra', 'arithmetic', ...]."""
+    return sorted(p.stem for p in SHIPPED.glob("*.py") if not p.name.startswith("_"))
+
+
+
+def get(name: str):
+    """The shipped config `name` (e.g. "tiny"), as its get_config() builds it."""
+    if name not in names():
+        raise FileNotFoundError(f"no shipped config {name!r}; choose one of {names()}")
+    return runpy.run_path(str(SHIPPED / f"{name}.py"))["get_config"]()
+
+
+def resolve(path: str) -> str:
+    """`path` itself when it is a file; else the shipped config of the same file name.
+
+    A `path:argument` suffix (ml_collections' config-file arguments) is kept as it is. Raises
+    FileNotFoundError, naming the shipped configs, when neither exists.
+    """
+    file, sep, argument = path.partition(":")
+    if os.path.isfile(file):
+        return path
+    shipped = SHIPPED / Path(file).name
+    if Path(file).parent in (Path("configs"), Path(".")) and shipped.is_file():
+        return str(shipped) + sep + argument
+    raise FileNotFoundError(f"config file {file!r} not found; pass a path to a config file, or one of "
+                            f"the shipped configs/NAME.py with NAME in {names()}")
+
+
+def resolve_flag(argv: list[str], flag: str = "config") -> list[str]:
+    """`argv` with the value of `--{flag}=PATH` (or `--{flag} PATH`) passed through `resolve`."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith(f"--{flag}="):
+            out[i] = f"--{flag}=" + resolve(arg.split("=", 1)[1])
+        elif arg == f"--{flag}" and i + 1 < len(out):
+            out[i + 1] = resolve(out[i + 1])
+    return out
