@@ -17,8 +17,7 @@ import re
 from fractions import Fraction
 
 # The reference uses re.finditer without DOTALL: a tag whose content spans a newline never matches.
-_ANSWER_ONE_LINE = re.compile(r"<answer>(.*?)</answer>")
-_ANSWER_MULTILINE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_OPEN, _CLOSE = "<answer>", "</answer>"
 
 _DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
@@ -29,10 +28,27 @@ _WRAPPERS = (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
 def last_answer_tag(text: str, *, multiline: bool = False) -> str | None:
-    """Stripped content of the last ``<answer>…</answer>`` in ``text``, or None if there is none."""
-    pattern = _ANSWER_MULTILINE if multiline else _ANSWER_ONE_LINE
-    matches = pattern.findall(text)
-    return matches[-1].strip() if matches else None
+    """Stripped content of the last ``<answer>…</answer>`` in ``text``, or None if there is none.
+
+    The matches are those of ``re.findall(r"<answer>(.*?)</answer>", text)`` (with ``re.DOTALL`` when
+    ``multiline``), the reference's rule, found in one pass: the regex retries from every unclosed
+    tag, which is quadratic on a long response full of them.
+    """
+    last, start, close, newline = None, text.find(_OPEN), -1, -1
+    while start != -1:
+        body = start + len(_OPEN)
+        if close < body:  # the first closing tag after `body`, reused while it stays ahead
+            close = text.find(_CLOSE, body)
+            if close == -1:
+                break
+        if not multiline and newline < body:
+            newline = text.find("\n", body) % (len(text) + 1)  # none: len(text), never searched again
+        if multiline or newline > close:
+            last = text[body:close]
+            start = text.find(_OPEN, close + len(_CLOSE))
+        else:  # a line break before the close: no match from here
+            start = text.find(_OPEN, start + 1)
+    return None if last is None else last.strip()
 
 
 def reference_answer(text: str) -> str | None:
@@ -66,7 +82,12 @@ def _plain_number(s: str) -> Fraction | None:
     s = s.strip()
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
-    return Fraction(s) if _DECIMAL.fullmatch(s) else None
+    if not _DECIMAL.fullmatch(s):
+        return None
+    try:
+        return Fraction(s)
+    except ValueError:  # over Python's 4300-digit limit of int(str): a number no test could check
+        return None
 
 
 def to_fraction(s: str) -> Fraction | None:
