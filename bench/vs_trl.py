@@ -55,7 +55,7 @@ from sqlm_jax import rl  # noqa: E402
 from sqlm_jax.defaults import base_config  # noqa: E402
 from sqlm_jax.models import load_pretrained  # noqa: E402
 from sqlm_jax.sampling import generate  # noqa: E402
-from sqlm_jax.train import prompt_group_size, trim_prompt_padding  # noqa: E402
+from sqlm_jax.learner import prompt_group_size, trim_prompt_padding  # noqa: E402
 from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, batch_logprobs,  # noqa: E402
                                  make_optimizer, policy_loss_fn, train_step)
 

@@ -44,8 +44,8 @@ def validate(config, num_batch_devices: int | None = None) -> None:
         raise ConfigError(f"rollout.n={r.n}: groups of one give no advantage signal; use n >= 2 (paper: 4)")
     for field in ("rollout.batch_size", "rollout.max_prompt_len", "rollout.proposer_max_new_tokens",
                   "rollout.solver_max_new_tokens", "rl.mini_batch_size", "rl.micro_batch_size",
-                  "rl.ppo_epochs", "train.steps", "checkpoint.every", "checkpoint.keep",
-                  "eval.max_new_tokens", "eval.batch_size"):
+                  "rl.ppo_epochs", "train.steps", "train.max_nonfinite_steps", "checkpoint.every",
+                  "checkpoint.keep", "eval.max_new_tokens", "eval.batch_size"):
         if _get(config, field) < 1:
             raise ConfigError(f"{field}={_get(config, field)} must be at least 1")
     if not 0 < r.top_p <= 1 or r.temperature < 0 or r.top_k < 0:

@@ -98,7 +98,12 @@ def base_config() -> ml_collections.ConfigDict:
         "weight_decay": 0.01,
         "grad_clip": 1.0,
     })
-    c.train = ml_collections.ConfigDict({"steps": 100})
+    c.train = ml_collections.ConfigDict({
+        "steps": 100,
+        # Steps in a row with an update skipped for a non-finite loss or gradient norm (each skip as the
+        # reference does) before the run stops.
+        "max_nonfinite_steps": 3,
+    })
     c.eval = ml_collections.ConfigDict({
         "every": 20,                 # steps between greedy evaluations (0 = only at start and end)
         "num_problems": 500,

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sqlm_jax.rewards import majority_answers
+from sqlm_jax.rollout import solver_prompts
 from sqlm_jax.sampling import generate
 from sqlm_jax.tasks.answers import same_value
 from sqlm_jax.tasks.base import Question, Task
@@ -20,8 +22,8 @@ from sqlm_jax.tokenizer import Tokenizer
 @dataclasses.dataclass
 class EvalResult:
     accuracy: float                  # mean score of the greedy (or first sampled) response
-    scores: np.ndarray               # [P, n] score of each response
-    responses: list[list[str]]       # [P][n] decoded responses
+    scores: np.ndarray               # [Q, n] score of each response to each of Q problems
+    responses: list[list[str]]       # [Q][n] decoded responses
     majority_accuracy: float | None = None  # math tasks with n > 1: accuracy of the majority answer
 
     @property
@@ -30,24 +32,15 @@ class EvalResult:
         return float(self.scores.mean())
 
 
-def solver_prompts(tokenizer: Tokenizer, task: Task, questions: Sequence[Question]) -> list[list[int]]:
-    """Chat-formatted solver prompts, the same text the trainer's solver sees."""
-    return [tokenizer.chat_prompt(task.solver_prompt(q), system=task.system_prompt) for q in questions]
-
-
 def evaluate_responses(task: Task, responses: list[list[str]], truths: Sequence[Any]) -> EvalResult:
-    """Scores `responses[P][n]` against `truths[P]`; majority accuracy uses the task's answer parser."""
+    """Scores `responses[Q][n]` against `truths[Q]`; majority accuracy uses the task's answer parser."""
     scores = np.array([[task.score(r, t) for r in rs] for rs, t in zip(responses, truths)], np.float32)
     result = EvalResult(accuracy=float(scores[:, 0].mean()) if len(scores) else 0.0,
                         scores=scores, responses=responses)
     if task.reward == "majority" and scores.shape[1] > 1:
-        correct = []
-        for rs, t in zip(responses, truths):
-            answers = [task.parse_answer(r) for r in rs]
-            # The training rule: "no answer" is a candidate too, and ties go to the first seen.
-            majority = max(answers, key=answers.count)
-            correct.append(majority is not None and same_value(majority, t))
-        result.majority_accuracy = float(np.mean(correct))
+        majorities = majority_answers([[task.parse_answer(r) for r in rs] for rs in responses])
+        result.majority_accuracy = float(np.mean([m is not None and same_value(m, t)
+                                                  for m, t in zip(majorities, truths)]))
     return result
 
 

@@ -92,22 +92,32 @@ def param_shardings(state: nnx.State, mesh: Mesh | None, rules=DEFAULT_RULES) ->
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh | None, ndim: int = 2) -> NamedSharding | None:
-    """Sharding for a `[B, ...]` array: B over (data, fsdp), the rest replicated."""
+def row_sharding(mesh: Mesh | None, shape: Sequence[int], row_axis: int = 0) -> NamedSharding | None:
+    """Sharding of an array whose axis `row_axis` holds rows: rows over the batch axes (data, fsdp)
+    where they divide evenly, every other axis whole. None without a mesh."""
     if mesh is None:
         return None
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+    axes = [None] * len(shape)
+    axes[row_axis] = "batch"
+    return NamedSharding(mesh, logical_spec(axes, shape, mesh))
+
+
+def shard_rows(tree, mesh: Mesh | None, row_axis: int = 0):
+    """Every array of `tree` on the device(s), rows split as `row_sharding` says: the one way a batch
+    goes onto the mesh (host arrays in, device arrays out)."""
+    return jax.tree.map(lambda x: jax.device_put(x, row_sharding(mesh, np.shape(x), row_axis)), tree)
+
+
+def constrain_rows(tree, mesh: Mesh | None, row_axis: int = 0):
+    """Inside jit: pins every array of `tree` to `row_sharding` (no-op without a mesh)."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, row_sharding(mesh, x.shape, row_axis)), tree)
 
 
 def replicated(mesh: Mesh | None) -> NamedSharding | None:
     return None if mesh is None else NamedSharding(mesh, P())
-
-
-def shard_batch(tree, mesh: Mesh | None):
-    """Puts every `[B, ...]` array of `tree` on `mesh`, split over the batch axes (no-op without a mesh)."""
-    if mesh is None:
-        return tree
-    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
 
 
 def gather(x: jax.Array) -> jax.Array | np.ndarray:

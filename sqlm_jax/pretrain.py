@@ -19,18 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import ml_collections
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from sqlm_jax import sampling, tiny_corpus
+from sqlm_jax import rewards, sampling, tiny_corpus
 from sqlm_jax.evaluate import evaluate
 from sqlm_jax.models.config import ModelConfig
 from sqlm_jax.models.hf import save_pretrained
 from sqlm_jax.models.transformer import Transformer
 from sqlm_jax.tasks import Question, get_task
 from sqlm_jax.tokenizer import Tokenizer, load_tokenizer
+from sqlm_jax.train_step import make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_pretrain.py", "warm-start config file")
 
@@ -87,18 +89,6 @@ def next_token_loss(model: Transformer, tokens: jax.Array, loss_mask: jax.Array,
     return total / normalizer, total / jnp.maximum(jnp.sum(loss_mask[:, 1:]), 1)
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-    """AdamW at a constant rate after a linear warm-up, after gradient clipping.
-
-    No decay: the model at step k of a longer run is then the model a k-step run makes (up to the
-    loss normalizer, the corpus's mean, which moves a little with its size), so a long run's watched
-    curve shows where to stop. The shipped model is the `steps`-step run itself, reproduced exactly.
-    """
-    schedule = optax.warmup_constant_schedule(0.0, train_cfg.learning_rate, train_cfg.warmup_steps)
-    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip),
-                       optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=train_cfg.weight_decay))
-
-
 def make_train_step(graphdef, tx: optax.GradientTransformation, normalizer: float):
     """One jitted step `(params, opt_state, tokens[B, T], loss_mask[B, T]) -> (params, opt_state, loss)`,
     the loss the batch's per-token mean."""
@@ -140,7 +130,14 @@ def warm_start(cfg: ModelConfig, tokens: np.ndarray, loss_mask: np.ndarray, trai
     the run. Returns the model and `(step, mean loss since the last entry)` every `log_every` steps.
     """
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
-    tx = make_optimizer(train_cfg)
+    # A constant rate after warm-up, no decay: the model at step k of a longer run is then the model a
+    # k-step run makes (up to the loss normalizer, the corpus's mean, which moves a little with its
+    # size), so a long run's watched curve shows where to stop. The shipped model is the `steps`-step
+    # run itself, reproduced exactly.
+    tx = make_optimizer(ml_collections.ConfigDict(dict(
+        schedule="constant", lr=train_cfg.learning_rate, warmup_steps=train_cfg.warmup_steps, b1=0.9,
+        b2=0.98, eps=1e-8, weight_decay=train_cfg.weight_decay, grad_clip=train_cfg.grad_clip)),
+        total_updates=train_cfg.steps)
     opt_state = tx.init(params)
     lengths = loss_mask.shape[1] - np.argmax(loss_mask[:, ::-1], axis=1)  # last target + 1
     # Buckets by prompt length (the question's size), not the whole chat's: by whole length a batch
@@ -176,10 +173,8 @@ def evaluate_solver(model, tok: Tokenizer, task, problems, *, n: int, max_new_to
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, full=True)
     greedy = evaluate(model, tok, task, problems, **kw)
     sampled = evaluate(model, tok, task, problems, greedy=False, n=n, **kw)
-    agreement = []
-    for responses in sampled.responses:
-        answers = [task.parse_answer(r) for r in responses]
-        agreement.append(max(answers.count(a) for a in answers) / n)
+    answers = [[task.parse_answer(r) for r in responses] for responses in sampled.responses]
+    agreement = np.asarray(rewards.majority_info(jnp.asarray(rewards.answer_ids(answers)))[1]) / n
     return {
         "num_problems": len(problems), "n": n,
         "greedy_accuracy": greedy.accuracy,

@@ -2,7 +2,9 @@
 
 Every reward function takes one row per question (Q rows) and one column per solver sample (n columns)
 and returns `(solver_reward[Q, n], proposer_reward[Q])`, both float32. They are pure jnp functions:
-jittable, vmappable, no host state. The host turns answer text into integer ids first (`answer_ids`).
+jittable, vmappable, no host state. The host turns each answer into a number first: an integer id of
+its parsed answer (`answer_ids`) for majority and format, the fraction of tests it passed for unit
+tests. `reward_fn` picks one by its config name (reward.kind).
 
 Rules follow the reference implementation (lili-chen/self-questioning-lm, a verl fork):
 - the majority answer is the most common one, ties going to the answer seen first in sample order
@@ -14,7 +16,8 @@ Rules follow the reference implementation (lili-chen/self-questioning-lm, a verl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +134,23 @@ def format_rewards(answer_ids: jnp.ndarray, *, k_min: int = 2) -> tuple[jnp.ndar
     solver = (answer_ids != NO_ANSWER).astype(jnp.float32)
     k = jnp.sum(answer_ids != NO_ANSWER, axis=-1)
     return solver, band_reward(k, answer_ids.shape[-1], k_min)
+
+
+def reward_fn(kind: str, *, k_min: int = 2) -> Callable[[jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]:
+    """The reward function named by reward.kind: "majority" and "format" take answer ids `[Q, n]`,
+    "unit_tests" takes pass fractions `[Q, n]`."""
+    rewards = {"majority": functools.partial(majority_vote, k_min=k_min),
+               "format": functools.partial(format_rewards, k_min=k_min),
+               "unit_tests": code_rewards}
+    if kind not in rewards:
+        raise ValueError(f"reward kind {kind!r}; choose one of {sorted(rewards)}")
+    return rewards[kind]
+
+
+def majority_answers(answers: Sequence[Sequence[str | None]]) -> list[str | None]:
+    """The majority answer of each row of parsed answers (None where "no answer" wins), by the
+    training rule of `majority_info`."""
+    ids = answer_ids(answers)
+    majority, _ = majority_info(jnp.asarray(ids))
+    first = np.argmax(ids == np.asarray(majority)[:, None], axis=1)
+    return [row[j] for row, j in zip(answers, first)]

@@ -1,7 +1,8 @@
 """RL math as pure functions: log-probs, advantages (GRPO, GAE), PPO-clip, KL estimators, value loss.
 
-Shapes: B sequences, T response positions, V vocabulary, G groups of n samples. `mask[B, T]` is 1 on
-response tokens that count (bool or 0/1 numbers). Per-token losses are returned as
+Shapes (the package's alphabet, sqlm_jax/__init__.py): N sequences, R response positions, V vocabulary,
+Q groups of n samples (the n answers to a question, or a proposer row's n proposals). `mask[N, R]` is 1
+on response tokens that count (bool or 0/1 numbers). Per-token losses are returned as
 `(sum over valid tokens, valid token count)` so a caller accumulating over micro-batches divides once
 at the end and gets exactly the big-batch token mean. Metrics are returned as sums for the same reason.
 
@@ -40,16 +41,16 @@ def token_logprobs(logits: jnp.ndarray, tokens: jnp.ndarray, temperature: float 
     """Log-probability of each chosen token.
 
     Args:
-      logits: [B, T, V], any float dtype; computed in float32.
-      tokens: [B, T] int ids; logits[:, t] is the distribution that produced tokens[:, t].
+      logits: [N, R, V], any float dtype; computed in float32.
+      tokens: [N, R] int ids; logits[:, r] is the distribution that produced tokens[:, r].
       temperature: the sampling temperature; logits are divided by it first, as verl does, so the
         PPO ratio is taken against the distribution the samples were actually drawn from.
 
     Returns:
-      [B, T] float32.
+      [N, R] float32.
     """
     logits = logits.astype(jnp.float32) / temperature
-    # Gather-then-subtract avoids materialising a [B, T, V] log_softmax.
+    # Gather-then-subtract avoids materialising a [N, R, V] log_softmax.
     picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -58,10 +59,10 @@ def entropy(logits: jnp.ndarray, temperature: float = 1.0) -> jnp.ndarray:
     """Entropy of each next-token distribution: logsumexp(z) - sum(softmax(z) * z).
 
     Args:
-      logits: [B, T, V], computed in float32.
+      logits: [N, R, V], computed in float32.
 
     Returns:
-      [B, T] float32.
+      [N, R] float32.
     """
     logits = logits.astype(jnp.float32) / temperature
     probs = jax.nn.softmax(logits, axis=-1)
@@ -74,11 +75,11 @@ def grpo_advantages(rewards: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
     """GRPO outcome advantages: (r - group mean) / (group std + eps), std with the n - 1 divisor.
 
     Args:
-      rewards: [G, n] one scalar reward per sample, n samples per group.
+      rewards: [Q, n] one scalar reward per sample, n samples per group.
       eps: added to the std so an all-equal group gives advantage 0, not nan.
 
     Returns:
-      [G, n] float32. A singleton group (n = 1) has no sample std; verl then uses mean 0 and std 1,
+      [Q, n] float32. A singleton group (n = 1) has no sample std; verl then uses mean 0 and std 1,
       i.e. advantage r / (1 + eps), and so do we.
     """
     rewards = rewards.astype(jnp.float32)
@@ -93,23 +94,37 @@ def broadcast_sequence_advantage(advantages: jnp.ndarray, mask: jnp.ndarray) -> 
     """Applies one advantage per sequence to every valid token of it.
 
     Args:
-      advantages: [B].
-      mask: [B, T].
+      advantages: [N].
+      mask: [N, R].
 
     Returns:
-      [B, T] float32, zero on padding.
+      [N, R] float32, zero on padding.
     """
     return advantages.astype(jnp.float32)[:, None] * mask.astype(jnp.float32)
+
+
+def outcome_token_rewards(rewards: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """One outcome reward per sequence placed on its last valid token, as verl's reward managers do.
+
+    Args:
+      rewards: [N].
+      mask: [N, R] (right padded).
+
+    Returns:
+      [N, R] float32, zero elsewhere. A row without valid tokens gets its reward at position 0.
+    """
+    last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
+    return jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * rewards.astype(jnp.float32)[:, None]
 
 
 def masked_whiten(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     """verl's masked_whiten: (x - mean) / sqrt(var + 1e-8), mean and unbiased var over valid tokens.
 
     Args:
-      x: [B, T]; mask: [B, T].
+      x: [N, R]; mask: [N, R].
 
     Returns:
-      [B, T] float32, zero on padding. With fewer than two valid tokens verl raises (n/(n-1) is
+      [N, R] float32, zero on padding. With fewer than two valid tokens verl raises (n/(n-1) is
       undefined); here the Bessel factor falls back to 1 instead.
     """
     count = token_count(mask)
@@ -127,19 +142,19 @@ def gae_advantages(
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Generalised advantage estimation, as verl's compute_gae_advantage_return.
 
-    Backward over t: delta_t = r_t + gamma * V_next - V_t, A_t = delta_t + gamma * lam * A_next, where
+    Backward over positions t: delta_t = r_t + gamma * V_next - V_t, A_t = delta_t + gamma * lam * A_next, where
     V_next and A_next come from the next *valid* token (padding is skipped, not treated as a state).
     returns = A + V (before whitening); the advantages are then whitened over all valid tokens of the
     batch (`masked_whiten`), so call this on the whole batch, not per micro-batch.
 
     Args:
-      token_rewards: [B, T] (the outcome reward sits on the last valid token).
-      values: [B, T] critic values V(s_t).
-      mask: [B, T].
+      token_rewards: [N, R] (the outcome reward sits on the last valid token).
+      values: [N, R] critic values V(s_t).
+      mask: [N, R].
       gamma, lam: discount and GAE lambda (1.0 and 1.0 in the reference).
 
     Returns:
-      (advantages[B, T] whitened, returns[B, T]), float32, zero on padding.
+      (advantages[N, R] whitened, returns[N, R]), float32, zero on padding.
     """
     m = mask.astype(jnp.float32)
     r = token_rewards.astype(jnp.float32)
@@ -178,10 +193,10 @@ def ppo_policy_loss(
     min(loss, -A * c): a huge ratio on a negative-advantage token cannot blow the loss up.
 
     Args:
-      logp: [B, T] current log-probs (differentiated).
-      old_logp: [B, T] log-probs of the sampling-time weights.
-      advantages: [B, T].
-      mask: [B, T].
+      logp: [N, R] current log-probs (differentiated).
+      old_logp: [N, R] log-probs of the sampling-time weights.
+      advantages: [N, R].
+      mask: [N, R].
       clip_eps: PPO clip epsilon.
       dual_clip_c: dual-clip bound, must be > 1.
 
@@ -217,11 +232,11 @@ def kl_penalty(logp: jnp.ndarray, ref_logp: jnp.ndarray, kind: str = "k3") -> jn
       [-10, 10] (it is >= 0, so in effect to at most 10).
 
     Args:
-      logp, ref_logp: [B, T].
+      logp, ref_logp: [N, R].
       kind: "k1", "k2" or "k3".
 
     Returns:
-      [B, T] float32.
+      [N, R] float32.
     """
     diff = logp.astype(jnp.float32) - ref_logp.astype(jnp.float32)
     if kind == "k1":
@@ -247,10 +262,10 @@ def value_loss(
     from its sampling-time value unless that also lowers the loss.
 
     Args:
-      values: [B, T] current critic values (differentiated).
-      old_values: [B, T] critic values when the batch was collected.
-      returns: [B, T] targets (from `gae_advantages`).
-      mask: [B, T].
+      values: [N, R] current critic values (differentiated).
+      old_values: [N, R] critic values when the batch was collected.
+      returns: [N, R] targets (from `gae_advantages`).
+      mask: [N, R].
       clip: value clip range (0.5 in the reference).
 
     Returns:

@@ -2,7 +2,9 @@
 
     prompts ──left pad to a bucketed length P──▶ prompt tokens [B, P]
       ──prefill──▶ KV cache of the P prompt slots (the prefix), first-token logits repeated n times
-      ──▶ DecodeState over R = B·n rows ──decode segments (while loops)──▶ tokens, log-probs [R, N]
+      ──▶ DecodeState over N = B·n rows ──decode segments (while loops)──▶ tokens, log-probs [N, R]
+
+(Shapes: the package's alphabet, sqlm_jax/__init__.py; R is max_new_tokens, S the rows' cache slots.)
 
 Samples of prompt i are rows i·n … i·n+n-1; they share prompt i's slots of the prefix and each keeps
 its own cache of response slots. A row ends with its first stop id; decoding ends early once
@@ -13,7 +15,8 @@ top-p) at that token: what PPO's old-policy ratio needs, whatever distribution t
 
 Compilation: one program per (model structure, weight shapes and shardings, number of prompts,
 bucketed prompt length P, SamplingParams, mesh); jax.jit caches it, and `bucket_length` keeps a training
-run to a handful of P. The model enters as nnx.split's graphdef (static) and state (an argument).
+run to a handful of P. The model enters as nnx.split's graphdef (static) and state (an argument):
+`sample` takes them as they are (a trainer holds them split), `generate` takes a model.
 
 Speed (bench/sampling.py, docs/benchmarks.md): decoding runs in a few segments, each a
 `jax.lax.while_loop`. Before a segment the cache grows to just the slots its last step can reach, so
@@ -75,27 +78,32 @@ class SamplingParams:
 
 @dataclasses.dataclass
 class SampleOutput:
-    """Responses of R = B·n rows (rows i·n … i·n+n-1 answer prompt i), N = max_new_tokens."""
+    """Responses of N = B·n rows (rows i·n … i·n+n-1 answer prompt i), R = max_new_tokens.
 
-    tokens: jax.Array         # [R, N] int32; pad_id after the stop token
-    logprobs: jax.Array       # [R, N] float32; log p(token) at temperature 1, 0 where masked
-    mask: jax.Array           # [R, N] bool; response tokens, the stop token included
+    The responses stay on the device(s), where the update uses them; the prompts stay on the host,
+    where they were padded (the update trims and places them itself).
+    """
+
+    tokens: jax.Array         # [N, R] int32; pad_id after the stop token
+    logprobs: jax.Array       # [N, R] float32; log p(token) at temperature 1, 0 where masked
+    mask: jax.Array           # [N, R] bool; response tokens, the stop token included
     token_lists: list[list[int]]  # each response up to and including its stop id
-    prompt_tokens: jax.Array  # [R, P] int32, left padded with pad_id
-    prompt_mask: jax.Array    # [R, P] bool
+    prompt_tokens: np.ndarray  # [N, P] int32, left padded with pad_id
+    prompt_mask: np.ndarray    # [N, P] bool
+    n: int                     # samples per prompt
 
 
 class DecodeState(NamedTuple):
-    """What the decode loop carries over R rows, P prompt slots and N new tokens."""
+    """What the decode loop carries over N rows, P prompt slots and R new tokens."""
 
     step: jax.Array          # [] int32: tokens generated so far
-    tokens: jax.Array        # [R, N] int32, pad_id where not (yet) generated
-    logprobs: jax.Array      # [R, N] float32
-    done: jax.Array          # [R] bool: the row has emitted a stop id
-    positions: jax.Array     # [R] int32: RoPE position of the last generated token
-    kv_mask: jax.Array       # [R, P + N] bool: real prompt slots and all response slots
-    prefix: list[LayerCache]  # per layer, the prompts' keys [B, K, Dh, P] and values, shared by n rows each
-    cache: list[LayerCache]  # per layer, the responses' keys [R, K, Dh, S] and values [R, K, S, Dh], S < N
+    tokens: jax.Array        # [N, R] int32, pad_id where not (yet) generated
+    logprobs: jax.Array      # [N, R] float32
+    done: jax.Array          # [N] bool: the row has emitted a stop id
+    positions: jax.Array     # [N] int32: RoPE position of the last generated token
+    kv_mask: jax.Array       # [N, T] bool: real prompt slots and all response slots
+    prefix: list[LayerCache]  # per layer, the prompts' keys [B, K, H, P] and values, shared by n rows each
+    cache: list[LayerCache]  # per layer, the responses' keys [N, K, H, S] and values [N, K, S, H], S < R
     key: jax.Array           # PRNG key; step t draws with fold_in(key, t)
 
 
@@ -131,7 +139,7 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
-    """One token per row from `logits[R, V]`: argmax at temperature 0, else temperature, top-k, top-p."""
+    """One token per row from `logits[N, V]`: argmax at temperature 0, else temperature, top-k, top-p."""
     if params.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / params.temperature
@@ -148,7 +156,7 @@ def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams) -> 
 
 
 def _emit(state: DecodeState, logits: jax.Array, params: SamplingParams) -> DecodeState:
-    """Samples token `state.step` of every row from `logits[R, V]` and records it."""
+    """Samples token `state.step` of every row from `logits[N, V]` and records it."""
     token = sample_tokens(logits, jax.random.fold_in(state.key, state.step), params)
     logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, -1)
     # Rows already finished keep emitting pad with log-prob 0; their forward passes are wasted work
@@ -177,14 +185,14 @@ def _constrain_cache(cache: list[LayerCache], mesh: Mesh | None) -> list[LayerCa
 
 
 def _constrain_state(state: DecodeState, mesh: Mesh | None) -> DecodeState:
-    rows = lambda x: _constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh)
+    rows = lambda x: mesh_lib.constrain_rows(x, mesh)
     return state._replace(tokens=rows(state.tokens), logprobs=rows(state.logprobs), done=rows(state.done),
                           positions=rows(state.positions), kv_mask=rows(state.kv_mask),
                           prefix=_constrain_cache(state.prefix, mesh), cache=_constrain_cache(state.cache, mesh))
 
 
 def _grow_cache(cache: list[LayerCache], length: int) -> list[LayerCache]:
-    """Pads every layer's cache with empty slots up to `length` (keys `[B, K, Dh, S]`, values `[B, K, S, Dh]`)."""
+    """Pads every layer's cache with empty slots up to `length` (keys `[N, K, H, S]`, values `[N, K, S, H]`)."""
     def pad(x, axis):
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, length - x.shape[axis])
@@ -193,7 +201,7 @@ def _grow_cache(cache: list[LayerCache], length: int) -> list[LayerCache]:
 
 
 def segment_ends(max_new_tokens: int) -> list[int]:
-    """The step counts at which decode segments end: steps 1 … N-1 in near-equal parts of about
+    """The step counts at which decode segments end: steps 1 … R-1 in near-equal parts of about
     MIN_SEGMENT steps, at most MAX_SEGMENTS of them."""
     steps = max_new_tokens - 1
     parts = min(MAX_SEGMENTS, max(1, round(steps / MIN_SEGMENT)))
@@ -209,7 +217,7 @@ def _prefill(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Arra
     """
     (b, p), n, new = prompt_tokens.shape, params.n, params.max_new_tokens
     hidden, prefix = model.hidden_states(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask,
-                                         _constrain_cache(model.init_cache(b, p), mesh), 0)
+                                         cache=_constrain_cache(model.init_cache(b, p), mesh))
     logits = model.logits(hidden[:, -1])  # [B, V]: left padding puts every prompt's end at P-1
     repeat = lambda x: jnp.repeat(x, n, axis=0)
     state = DecodeState(
@@ -238,10 +246,10 @@ def _decode_segment(model: Transformer, state: DecodeState, end: int, params: Sa
     kv_mask = state.kv_mask[:, :prompt_len + length]
 
     def step(state: DecodeState) -> DecodeState:
-        last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [R, 1]
+        last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [N, 1]
         positions = state.positions + 1
-        hidden, cache = model.hidden_states(last, positions[:, None], kv_mask, state.cache, state.step - 1,
-                                            state.prefix)
+        hidden, cache = model.hidden_states(last, positions[:, None], kv_mask, cache=state.cache,
+                                            write_index=state.step - 1, prefix=state.prefix)
         state = state._replace(positions=positions, cache=cache)
         return _constrain_state(_emit(state, model.logits(hidden[:, 0]), params), mesh)
 
@@ -253,18 +261,16 @@ def _decode_segment(model: Transformer, state: DecodeState, end: int, params: Sa
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("params", "mesh"))
 def _sample(graphdef: nnx.GraphDef, weights: nnx.State, prompt_tokens: jax.Array, prompt_mask: jax.Array,
             key: jax.Array, *, params: SamplingParams, mesh: Mesh | None) -> dict[str, jax.Array]:
-    """Prefill and every decode segment in one compiled call: the array fields of SampleOutput."""
+    """Prefill and every decode segment in one compiled call: tokens, log-probs and mask `[N, R]`."""
     model: Transformer = nnx.merge(graphdef, weights)
     state = _prefill(model, prompt_tokens, prompt_mask, key, params, mesh)
     for end in segment_ends(params.max_new_tokens):
         state = _decode_segment(model, state, end, params, mesh)
     stops = jnp.isin(state.tokens, jnp.asarray(params.stop_ids, jnp.int32)) if params.stop_ids \
         else jnp.zeros(state.tokens.shape, bool)
-    repeat = lambda x: jnp.repeat(x, params.n, axis=0)
     # Log-probs are already 0 after the stop: finished rows record 0.
     return dict(tokens=state.tokens, logprobs=state.logprobs,
-                mask=(jnp.cumsum(stops, axis=1) - stops) == 0,  # no stop token before this one
-                prompt_tokens=repeat(prompt_tokens), prompt_mask=repeat(prompt_mask))
+                mask=(jnp.cumsum(stops, axis=1) - stops) == 0)  # no stop token before this one
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -278,24 +284,23 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     rows are split over its batch axes (data, fsdp). One compiled program serves every call with the
     same model structure, bucketed prompt length, number of prompts and knobs.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature),
                             top_k=int(top_k), top_p=float(top_p), n=int(n),
                             stop_ids=tuple(int(i) for i in stop_ids), pad_id=int(pad_id))
-    tokens, mask = pad_left(prompts, pad_id, bucket_length(max(map(len, prompts))))
     graphdef, weights = nnx.split(model)
-    out = _sample(graphdef, weights, _put_rows(tokens, mesh), _put_rows(mask, mesh),
+    return sample(graphdef, weights, prompts, params=params, seed=seed, mesh=mesh)
+
+
+def sample(graphdef: nnx.GraphDef, weights: nnx.State, prompts: Sequence[Sequence[int]], *,
+           params: SamplingParams, seed: int, mesh: Mesh | None = None) -> SampleOutput:
+    """`generate` for a model held split, as `nnx.split` gives it, with its knobs built once."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+    tokens, mask = pad_left(prompts, params.pad_id, bucket_length(max(map(len, prompts))))
+    out = _sample(graphdef, weights, *mesh_lib.shard_rows((tokens, mask), mesh),
                   jax.random.key(seed), params=params, mesh=mesh)
-    tokens = np.asarray(mesh_lib.gather(out["tokens"]))
+    responses = np.asarray(mesh_lib.gather(out["tokens"]))
     lengths = np.asarray(mesh_lib.gather(out["mask"])).sum(axis=1)
-    return SampleOutput(token_lists=[row[:length].tolist() for row, length in zip(tokens, lengths)],
-                        **out)
-
-
-def _put_rows(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
-    """`x[B, ...]` on device, its rows split over the mesh's batch axes where they divide evenly."""
-    if mesh is None:
-        return jnp.asarray(x)
-    spec = mesh_lib.logical_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    repeat = lambda x: np.repeat(x, params.n, axis=0)
+    return SampleOutput(token_lists=[row[:length].tolist() for row, length in zip(responses, lengths)],
+                        prompt_tokens=repeat(tokens), prompt_mask=repeat(mask), n=params.n, **out)

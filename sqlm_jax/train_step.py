@@ -1,13 +1,13 @@
-"""The compiled pieces of a PPO update: sequence log-probs, the loss, and one optimizer step.
+"""The pure pieces of a PPO update: sequence log-probs, the losses, and one optimizer step.
 
 A role's batch (`RoleBatch`) holds N sequences: a left-padded prompt `[N, P]` and a right-padded
 response `[N, R]`. Rows come in groups of `prompt_group` consecutive rows that share one prompt (the n
 samples of a prompt); the prompt then runs through the model once per group, its keys and values are
-repeated for the group's rows, and only the responses run per row (`response_hidden`): the same
-log-probs, losses and gradients as one full pass per row, with less work. Everything here is a pure
-function of (params, batch); `Trainer` in train.py owns the jitted, sharded versions. Micro-batches come
-pre-split on the host as a leading axis `[M, mb, ...]` so gradient accumulation is one `lax.scan`, exact
-because losses travel as (sum, token count).
+repeated for the group's rows, and only the responses run per row (`models.transformer.response_hidden`):
+the same log-probs, losses and gradients as one full pass per row, with less work. Everything here is a
+pure function of (params, batch); `learner.Learner` owns the jitted, sharded versions. Micro-batches
+arrive as a leading axis `[M, mb, ...]` so gradient accumulation is one `lax.scan`, exact because losses
+travel as (sum, token count).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from sqlm_jax import rl
-from sqlm_jax.models.transformer import positions_from_mask
+from sqlm_jax.models.transformer import response_hidden
 
 
 @flax.struct.dataclass
@@ -83,37 +83,15 @@ def make_optimizer(optim_cfg, total_updates: int) -> optax.GradientTransformatio
     )
 
 
-def response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask, prompt_group: int = 1
-                    ) -> jax.Array:
-    """Hidden states `[N, R, D]` at the positions that predict each response token.
-
-    With `prompt_group` g > 1, rows g·k … g·k+g-1 must share one prompt: the prompt of each group runs
-    once through the model's KV-cache path, its keys and values are repeated for the group's g rows, and
-    the responses run against them. Same result as g = 1 (one full pass per row) up to float rounding,
-    gradients included (they flow back through the repeat into the one prompt pass).
-    """
-    p, r = prompt_ids.shape[1], response_ids.shape[1]
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)  # [N, P + R]
-    positions = positions_from_mask(mask)
-    if prompt_group == 1:
-        hidden, _ = model.hidden_states(jnp.concatenate([prompt_ids, response_ids], axis=1), positions, mask)
-        return hidden[:, p - 1:p + r - 1]
-    n, g = prompt_ids.shape[0], prompt_group
-    if n % g:
-        raise ValueError(f"{n} rows do not split into prompt groups of {g}: micro-batches must hold whole groups")
-    first = lambda x: x.reshape((n // g, g) + x.shape[1:])[:, 0]  # each group's first row [N/g, ...]
-    prompt_hidden, cache = model.hidden_states(first(prompt_ids), first(positions)[:, :p], first(mask),
-                                               model.init_cache(n // g, p + r), 0)
-    cache = jax.tree.map(lambda x: jnp.repeat(x, g, axis=0), cache)
-    hidden, _ = model.hidden_states(response_ids, positions[:, p:], mask, cache, p)  # [N, R, D]
-    # Left padding puts every prompt's last token at P-1: its hidden state predicts response token 0.
-    return jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], g, axis=0), hidden[:, :-1]], axis=1)
-
-
 def response_logits(model, batch: RoleBatch) -> jax.Array:
     """Logits `[N, R, V]` that predict each response token (the prompt's logits are never built)."""
-    return model.logits(response_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
-                                        batch.response_mask, batch.prompt_group))
+    return model.logits(response_hidden(model, **_sequences(batch)))
+
+
+def _sequences(batch: RoleBatch) -> dict[str, Any]:
+    """The fields a forward pass over the batch's sequences takes, as keywords."""
+    return dict(prompt_ids=batch.prompt_ids, prompt_mask=batch.prompt_mask, response_ids=batch.response_ids,
+                response_mask=batch.response_mask, prompt_group=batch.prompt_group)
 
 
 def response_logprobs(model, batch: RoleBatch) -> jax.Array:
@@ -142,8 +120,7 @@ def policy_loss(model, batch: RoleBatch, loss_cfg: LossConfig) -> tuple[jax.Arra
 
 def value_loss(critic, batch: RoleBatch, value_clip: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(clipped value loss sum, metric sums incl. "tokens") of the critic on one micro-batch."""
-    values = critic.values(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
-                           batch.prompt_group)
+    values = critic.values(**_sequences(batch))
     loss_sum, count, metrics = rl.value_loss(values, batch.old_values, batch.returns,
                                              batch.response_mask, clip=value_clip)
     return loss_sum, {"tokens": count, "value_loss": loss_sum, **metrics}
@@ -154,18 +131,18 @@ def accumulate_gradients(loss_fn, params, micro_batches: RoleBatch):
 
     `loss_fn(params, micro_batch) -> (loss sum, metric sums incl. "tokens")`. Sums of losses and token
     counts are accumulated and divided once at the end, so the update is the same whatever the
-    micro-batch size (a memory knob, not a hyperparameter).
+    micro-batch size (a memory knob, not a hyperparameter). The metrics include the token-mean "loss".
     """
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, mb: _with_loss(*loss_fn(p, mb)), has_aux=True)
 
     def body(carry, mb):
         grads, sums = carry
-        g, metrics = grad_fn(params, mb)
+        (_, metrics), g = grad_fn(params, mb)
         return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, metrics)), None
 
     first = jax.tree.map(lambda x: x[0], micro_batches)
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-    init = (zeros(params), zeros(jax.eval_shape(loss_fn, params, first)[1]))
+    init = (zeros(params), zeros(jax.eval_shape(loss_fn, params, first)[1] | {"loss": jnp.zeros(())}))
     (grads, sums), _ = jax.lax.scan(body, init, micro_batches)
     tokens = jnp.maximum(sums["tokens"], 1.0)
     metrics = {k: v / tokens for k, v in sums.items() if k != "tokens"}
@@ -173,14 +150,28 @@ def accumulate_gradients(loss_fn, params, micro_batches: RoleBatch):
     return jax.tree.map(lambda g: g / tokens, grads), metrics
 
 
+def _with_loss(total, metrics):
+    return total, {**metrics, "loss": total}
+
+
 def train_step(state: TrainState, micro_batches: RoleBatch, *, loss_fn, tx
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on one mini-batch (given as micro-batches `[M, mb, ...]`)."""
+    """One optimizer update on one mini-batch (given as micro-batches `[M, mb, ...]`).
+
+    A non-finite loss or gradient norm skips the update, as the reference does (verl skips the
+    optimizer step when grad_norm is not finite): parameters, optimizer state and step stay as they
+    were, and the metric "skipped" is 1. A select, not a branch, so the step stays one fused program
+    and the host learns of the skip from the metrics it fetches anyway.
+    """
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro_batches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    metrics.update(grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
+    return TrainState(step=state.step + finite.astype(state.step.dtype), params=keep(params, state.params),
+                      opt_state=keep(opt_state, state.opt_state)), metrics
 
 
 def policy_loss_fn(graphdef, loss_cfg: LossConfig):
@@ -200,7 +191,4 @@ def batch_logprobs(graphdef, params, micro_batches: RoleBatch) -> jax.Array:
 
 def batch_values(graphdef, params, micro_batches: RoleBatch) -> jax.Array:
     """Critic values `[M, mb, R]` for every micro-batch, before any update of the step."""
-    def one(mb):
-        critic = nnx.merge(graphdef, params)
-        return critic.values(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask, mb.prompt_group)
-    return jax.lax.map(one, micro_batches)
+    return jax.lax.map(lambda mb: nnx.merge(graphdef, params).values(**_sequences(mb)), micro_batches)

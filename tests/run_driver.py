@@ -50,6 +50,6 @@ from sqlm_jax.train import Trainer  # noqa: E402
 trainer = Trainer(config)
 summary = trainer.run()
 params = {".".join(map(str, k)): np.asarray(mesh_lib.gather(v.get_value()))
-          for k, v in nnx.to_flat_state(trainer.state.params)}
+          for k, v in nnx.to_flat_state(trainer.learner.state.params)}
 np.savez(args.out, **params)
 print("SUMMARY", summary.get("steps", summary.get("stopped_at")), flush=True)

@@ -96,7 +96,7 @@ def test_sharded_mesh_gives_the_same_logits(tmp_path):
     ids, mask = _left_padded_batch(cfg.vocab_size)
     ids, mask = np.concatenate([ids, ids]), np.concatenate([mask, mask])  # batch 6 does not split 4 ways
     ids, mask = ids[:4], mask[:4]
-    sharded_ids, sharded_mask = mesh_lib.shard_batch((jnp.asarray(ids), jnp.asarray(mask)), mesh)
+    sharded_ids, sharded_mask = mesh_lib.shard_rows((ids, mask), mesh)
     out_sharded = jax.jit(lambda m, i, a: m(i, a))(sharded, sharded_ids, sharded_mask)
     out_single = single(jnp.asarray(ids), jnp.asarray(mask))
     assert _max_diff_at_real_positions(out_sharded, np.asarray(out_single), mask) <= 1e-5

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sqlm_jax.learner import NonFiniteError, fetch
 from sqlm_jax.models import load_pretrained
 from sqlm_jax.train import Trainer
 from tests.tiny_models import random_policy, tiny_run_config
@@ -20,7 +21,7 @@ def policy_folder(tmp_path_factory):
 
 
 def _params(trainer) -> dict:
-    return {k: np.asarray(v) for k, v in nnx.to_flat_state(trainer.state.params)}
+    return {k: np.asarray(v) for k, v in nnx.to_flat_state(trainer.learner.state.params)}
 
 
 def test_arithmetic_run_logs_checkpoints_and_exports(policy_folder, tmp_path):
@@ -33,7 +34,8 @@ def test_arithmetic_run_logs_checkpoints_and_exports(policy_folder, tmp_path):
     train_steps = [s for s in steps if "reward/solver" in s]
     assert [s["step"] for s in train_steps] == [1, 2]
     for key in ("reward/proposer", "proposals/valid", "agreement/k1", "solver/kl", "solver/entropy",
-                "solver/pg_clipfrac", "solver/grad_norm", "length/solver", "time/sampling",
+                "solver/pg_clipfrac", "solver/grad_norm", "solver/loss", "solver/skipped_steps",
+                "length/solver", "time/propose", "time/solve", "time/score", "time/logprobs",
                 "time/update", "throughput/generated_tokens_per_s"):
         assert key in train_steps[0], key
     # proposer_update_freq=2: the proposer is updated on step 2 only
@@ -64,47 +66,65 @@ def test_resume_is_bit_for_bit(policy_folder, tmp_path):
     assert resumed.steps_done == 4
     a, b = _params(straight), _params(resumed)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    assert int(straight.state.step) == int(resumed.state.step)
+    assert int(straight.learner.state.step) == int(resumed.learner.state.step)
     # and the run really trained: the weights moved away from the start
     start, _ = load_pretrained(policy_folder)
     assert not np.array_equal(np.asarray(start.embed[...]), a[("embed",)])
 
 
 def test_update_shortcuts_give_the_plain_first_update(policy_folder, tmp_path):
-    """The Trainer's proposer batch with its shortcuts (old log-probs from the sampler, prompt padding
+    """The learner's proposer batch with its shortcuts (old log-probs from the sampler, prompt padding
     trimmed, one prompt pass per group of 2 rows) and the same batch without them (old log-probs
     recomputed, the sampler's padded width, a pass per row): the same log-probs and the same update."""
     config = tiny_run_config(policy_folder, tmp_path / "run")
     config.rollout.batch_size = config.rl.mini_batch_size = 8
     config.rl.micro_batch_size = 16  # 2 rows per device: prompt groups of 2
     trainer = Trainer(config)
-    assert trainer.reuses_sampler_logprobs
-    out, _, _ = trainer.propose(0)
+    learner = trainer.learner
+    assert learner.reuses_sampler_logprobs
+    out = trainer.rollouts.propose(learner.policy, 0).sample
     rows = out.tokens.shape[0]
-    assert trainer._prompt_group(rows) == 2
-    fast = trainer._role_batch(out, np.ones(rows, bool), trainer._prompt_group(rows))
+    assert learner.prompt_group(rows) == 2
+    fast = learner.role_batch(out, np.ones(rows, bool))
     full_width = np.asarray(out.prompt_mask).shape[1]
+    assert fast.prompt_group == 2
     assert fast.prompt_ids.shape[1] % 16 == 0 and fast.prompt_ids.shape[1] < full_width  # trimmed
     plain = fast.replace(prompt_ids=np.asarray(out.prompt_tokens), prompt_mask=np.asarray(out.prompt_mask),
                          prompt_group=1)
-    rewards = np.random.default_rng(0).random(rows)
-    fast = trainer.with_advantages(trainer.fill_logprobs(fast, out.logprobs), rewards, config.rollout.n)
-    plain = trainer.with_advantages(trainer.fill_logprobs(plain), rewards, config.rollout.n)
+    rewards = np.random.default_rng(0).random(rows).reshape(-1, config.rollout.n)
+    fast = learner.prepare(fast, rewards, out.logprobs)
+    plain = learner.prepare(plain, rewards)
     assert np.abs(plain.old_logp).sum() > 1 and fast.response_mask.sum() > rows
-    for field in ("old_logp", "ref_logp"):
+    for field in ("old_logp", "ref_logp", "advantages"):
         np.testing.assert_allclose(getattr(fast, field), getattr(plain, field), atol=2e-5)
 
-    start = jax.tree.map(jnp.copy, trainer.state)
-    fast_metrics, fast_params = trainer.update(fast, config.rollout.n), _params(trainer)
-    trainer.state = start
-    plain_metrics, plain_params = trainer.update(plain, config.rollout.n), _params(trainer)
+    start = jax.tree.map(jnp.copy, learner.state)
+    fast_metrics, fast_params = fetch({"proposer": learner.update(fast)}), _params(trainer)
+    learner.state = start
+    plain_metrics, plain_params = fetch({"proposer": learner.update(plain)}), _params(trainer)
     for k in plain_metrics:
         np.testing.assert_allclose(fast_metrics[k], plain_metrics[k], rtol=1e-4, atol=1e-6, err_msg=k)
     worst = max(np.abs(fast_params[k] - plain_params[k]).max() for k in plain_params)
     assert worst < 1e-2 * config.optim.lr, worst
 
     trainer.config.rollout.temperature = 0.7  # the sampler's tokens, not its log-probs' distribution
-    assert not trainer.reuses_sampler_logprobs
+    assert not learner.reuses_sampler_logprobs
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(policy_folder, tmp_path):
+    """Weights poisoned with NaN: every update is skipped (the weights stay as they were, the skips are
+    counted), and the third such step in a row stops the run with one line naming step and role."""
+    config = tiny_run_config(policy_folder, tmp_path / "run", steps=5)
+    config.train.max_nonfinite_steps = 3
+    trainer = Trainer(config)
+    learner = trainer.learner
+    learner.state = learner.state.replace(params=jax.tree.map(lambda x: x * jnp.nan, learner.state.params))
+    with pytest.raises(NonFiniteError, match=r"^non-finite gradient norm at step 3 \(role solver"):
+        trainer.run()
+    assert trainer.steps_done == 3 and int(learner.state.step) == 0
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["solver/skipped_steps"] for m in metrics if "solver/skipped_steps" in m] == [2.0, 2.0, 2.0]
+    assert [m["proposer/skipped_steps"] for m in metrics if "proposer/skipped_steps" in m] == [1.0]
 
 
 def test_existing_checkpoints_without_resume_is_refused(policy_folder, tmp_path):
@@ -119,7 +139,7 @@ def test_pregenerated_questions_cycle_through_one_pool(policy_folder, tmp_path):
     config.rollout.pregenerated_questions = 12  # a step takes 8: step 2 wraps around
     trainer = Trainer(config)
     trainer.run()
-    pool = [p["proposal"] for p in trainer.pregenerated]
+    pool = [p["proposal"] for p in trainer.rollouts.pool]
     assert len(pool) == 12
     lines = [json.loads(l) for l in (tmp_path / "run" / "questions.jsonl").read_text().splitlines()]
     assert [line["proposals"] for line in lines] == [pool[:8], pool[8:] + pool[:4]]

@@ -10,7 +10,7 @@ from flax import nnx
 from sqlm_jax import rl
 from sqlm_jax.models import ModelConfig, Transformer
 from sqlm_jax.models.critic import Critic
-from sqlm_jax.train import check_prompt_groups, trim_prompt_padding
+from sqlm_jax.learner import check_prompt_groups, trim_prompt_padding
 from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, accumulate_gradients, batch_logprobs,
                                  policy_loss_fn, train_step, value_loss_fn)
 

@@ -5,8 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sqlm_jax.models.transformer import Transformer
-from sqlm_jax.train_step import response_hidden
+from sqlm_jax.models.transformer import Transformer, response_hidden
 
 
 class Critic(nnx.Module):
@@ -21,9 +20,10 @@ class Critic(nnx.Module):
         d = trunk.config.hidden_size
         self.value_head = nnx.Param(jnp.zeros((d,), jnp.dtype(trunk.config.param_dtype)), axes=("embed",))
 
-    def values(self, prompt_ids, prompt_mask, response_ids, response_mask, prompt_group: int = 1
+    def values(self, *, prompt_ids, prompt_mask, response_ids, response_mask, prompt_group: int = 1
                ) -> jax.Array:
-        """Values `[N, R]`; `prompt_group` as in train_step.response_hidden (rows sharing a prompt)."""
-        hidden = response_hidden(self.trunk, prompt_ids, prompt_mask, response_ids, response_mask,
-                                 prompt_group)
+        """Values `[N, R]`; arguments as `transformer.response_hidden`'s."""
+        hidden = response_hidden(self.trunk, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                                 response_ids=response_ids, response_mask=response_mask,
+                                 prompt_group=prompt_group)
         return (hidden @ self.value_head[...].astype(hidden.dtype)).astype(jnp.float32)

@@ -5,13 +5,14 @@ names in its `axes` metadata; `sqlm_jax.mesh` maps them to mesh axes, so this fi
 devices.
 
 Two layouts differ from Hugging Face's on purpose (hf.py converts both ways):
-  * q, k and v are one fused projection `[D, K, G+2, Dh]`: for each of the K key/value heads, its G query
+  * q, k and v are one fused projection `[D, K, G+2, H]`: for each of the K key/value heads, its G query
     heads followed by its key and its value. One matmul instead of three is ~20% faster decoding at
     small batch, and grouping by kv head keeps tensor parallelism over heads a clean split.
   * gate and up are one fused projection `[D, 2, F]`.
 
-Shapes: B batch, T query length, S key length (the KV cache), D hidden, V vocab, K kv heads,
-G query heads per kv head, H = K·G query heads, Dh head dim, F MLP width.
+Shapes use the package's alphabet (sqlm_jax/__init__.py): N rows, T positions of the call (the query
+length), S key slots (the KV cache), D width, V vocab, K kv heads, G query heads per kv head (K·G
+query heads), H head dim, F MLP width.
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ from sqlm_jax.models.config import ModelConfig
 
 
 class LayerCache(NamedTuple):
-    """One layer's keys `k[B, K, Dh, S]` (transposed) and values `v[B, K, S, Dh]`.
+    """One layer's keys `k[N, K, H, S]` (transposed) and values `v[N, K, S, H]`.
 
-    In these layouts both attention products are plain batched matmuls over (B, K) that read the cache
-    in place. With `[B, S, K, Dh]` for both, XLA on CPU transposed the whole cache every decode step
+    In these layouts both attention products are plain batched matmuls over (N, K) that read the cache
+    in place. With `[N, S, K, H]` for both, XLA on CPU transposed the whole cache every decode step
     (bench/sampling.py: decoding 4-8x slower in attention at batch 256).
     """
 
@@ -56,7 +57,7 @@ class RMSNorm(nnx.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    """Inverse frequencies `[Dh/2]`, with Llama-3's wavelength-dependent scaling when configured."""
+    """Inverse frequencies `[H/2]`, with Llama-3's wavelength-dependent scaling when configured."""
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32)
                                          / cfg.head_dim))
     scaling = cfg.rope_scaling_dict
@@ -74,22 +75,22 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
 
 
 def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin) `[B, T, 2, Dh/2]` for `apply_rope`, built once per forward for every layer. The sin
+    """(cos, sin) `[N, T, 2, H/2]` for `apply_rope`, built once per forward for every layer. The sin
     table carries rotate-half's sign: -sin for the first half of each head, +sin for the second."""
-    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, Dh/2]
+    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [N, T, 1, H/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     return (jnp.concatenate([cos, cos], axis=-2).astype(dtype),
             jnp.concatenate([-sin, sin], axis=-2).astype(dtype))
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates `x[B, T, ..., Dh]` by the tables of `rope_tables` (transformers' rotate-half convention).
+    """Rotates `x[N, T, ..., H]` by the tables of `rope_tables` (transformers' rotate-half convention).
 
     Rotate-half as the reverse of the two half-heads, `x·cos + reverse(x)·sin`, is elementwise in the
     forward and the backward pass; splitting and concatenating the halves made RoPE's backward ~5% of a
     training step on CPU (bench/vs_trl.py).
     """
-    halves = x.reshape(x.shape[:-1] + (2, x.shape[-1] // 2))  # [..., 2, Dh/2]
+    halves = x.reshape(x.shape[:-1] + (2, x.shape[-1] // 2))  # [..., 2, H/2]
     shape = cos.shape[:2] + (1,) * (x.ndim - 3) + cos.shape[2:]
     cos, sin = cos.reshape(shape), sin.reshape(shape)
     return (halves * cos + jnp.flip(halves, axis=-2) * sin).reshape(x.shape)
@@ -113,7 +114,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, kv_mask, rope, cache: LayerCache | None, write_index,
                  prefix: LayerCache | None = None):
-        """x `[B, T, D]`, positions `[B, T]`, kv_mask `[B, S']` (True = a real key), rope = (cos, sin)
+        """x `[N, T, D]`, positions `[N, T]`, kv_mask `[N, S']` (True = a real key), rope = (cos, sin)
         from `rope_tables`.
 
         Without a cache the keys are the T inputs themselves (S' = S = T). With one, the T new keys and
@@ -126,13 +127,13 @@ class Attention(nnx.Module):
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(dt)
         g = self.group_size
-        q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]  # [B,T,K,G,Dh], [B,T,K,Dh] x2
+        q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]  # [N,T,K,G,H], [N,T,K,H] x2
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         b, t = x.shape[:2]
-        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, Dh, T], [B, K, T, Dh]
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [N, K, H, T], [N, K, T, H]
         if cache is None:
             query_slot = jnp.arange(t)
         else:
@@ -143,27 +144,27 @@ class Attention(nnx.Module):
         prefix_len = 0 if prefix is None else prefix.v.shape[2]
         key_slot = jnp.arange(prefix_len + v.shape[2])
         causal = key_slot[None, None, :] <= prefix_len + query_slot[None, :, None]
-        mask = kv_mask[:, None, :] & causal  # [B, T, S']
-        out = attend(q, k.astype(dt), v.astype(dt), mask, prefix).reshape(b, t, -1)  # [B, T, H·Dh]
-        # One [H·Dh, D] matmul: contracting (H, Dh) as two dims made XLA copy the weight every step.
+        mask = kv_mask[:, None, :] & causal  # [N, T, S']
+        out = attend(q, k.astype(dt), v.astype(dt), mask, prefix).reshape(b, t, -1)  # [N, T, K·G·H]
+        # One [K·G·H, D] matmul: contracting (heads, H) as two dims made XLA copy the weight every step.
         return out @ self.o[...].astype(dt).reshape(out.shape[-1], -1), cache
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
            prefix: LayerCache | None = None) -> jax.Array:
-    """Softmax attention: q `[B, T, K, G, Dh]`, k `[B, K, Dh, S]`, v `[B, K, S, Dh]`, mask `[B, T, S']`
-    -> `[B, T, K, G, Dh]`. Scores and softmax in float32.
+    """Softmax attention: q `[N, T, K, G, H]`, k `[N, K, H, S]`, v `[N, K, S, H]`, mask `[N, T, S']`
+    -> `[N, T, K, G, H]`. Scores and softmax in float32.
 
-    A `prefix` (keys `[B/n, K, Dh, P]`, values `[B/n, K, P, Dh]`) holds P slots shared by each group of
+    A `prefix` (keys `[N/n, K, H, P]`, values `[N/n, K, P, H]`) holds P slots shared by each group of
     n consecutive rows, attended before the row's own S keys (S' = P + S; the mask covers the prefix
     first). The n samples of a prompt read its keys and values once per group, not once per row:
     decoding reads the prompt's cache 1/n as often (bench/vs_trl.py: decoding ~6% faster at n = 8).
     """
     b, t, kv_heads, g, dh = q.shape
-    scores = _scores(q, k)  # [B, K, G, T, S]
+    scores = _scores(q, k)  # [N, K, G, T, S]
     if prefix is not None:
         groups, prefix_len = prefix.k.shape[0], prefix.k.shape[3]
-        grouped_q = q.reshape((groups, -1) + q.shape[1:])  # [B/n, n, T, K, G, Dh]
+        grouped_q = q.reshape((groups, -1) + q.shape[1:])  # [N/n, n, T, K, G, H]
         prefix_scores = jnp.einsum("bntkgh,bkhs->bnkgts", grouped_q, prefix.k.astype(q.dtype))
         scores = jnp.concatenate([prefix_scores.reshape((b,) + prefix_scores.shape[2:]).astype(jnp.float32),
                                   scores], axis=-1)
@@ -179,27 +180,27 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
-    """q `[B, T, K, G, Dh]` · k `[B, K, Dh, S]` -> `[B, K, G, T, S]` float32, unscaled."""
+    """q `[N, T, K, G, H]` · k `[N, K, H, S]` -> `[N, K, G, T, S]` float32, unscaled."""
     b, t, kv_heads, g, dh = q.shape
     if t == 1:
         # One query per row (decoding): multiply-and-sum in float32, which XLA fuses into one pass over
-        # the cache. Its CPU dot for these tiny per-(B, K) products was 3-4x slower (bench/sampling.py).
-        q32 = q[:, 0].astype(jnp.float32)  # [B, K, G, Dh]
+        # the cache. Its CPU dot for these tiny per-(N, K) products was 3-4x slower (bench/sampling.py).
+        q32 = q[:, 0].astype(jnp.float32)  # [N, K, G, H]
         return jnp.sum(q32[..., None] * k[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None]
-    # The G·T queries of a kv head as the rows of one plain matmul per (B, K). As an einsum over the
-    # [B, T, K, G, Dh] layout, XLA on CPU computed transposed products in its slower generic dot:
+    # The G·T queries of a kv head as the rows of one plain matmul per (N, K). As an einsum over the
+    # [N, T, K, G, H] layout, XLA on CPU computed transposed products in its slower generic dot:
     # the reference pass took 4% longer, a training step 2% (bench/vs_trl.py).
     q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, dh)
     return (q @ k).reshape(b, kv_heads, g, t, -1).astype(jnp.float32)
 
 
 def _weighted_values(probs: jax.Array, v: jax.Array, dtype) -> jax.Array:
-    """probs `[B, K, G, T, S]` (float32) · v `[B, K, S, Dh]` -> `[B, T, K, G, Dh]` in `dtype`."""
+    """probs `[N, K, G, T, S]` (float32) · v `[N, K, S, H]` -> `[N, T, K, G, H]` in `dtype`."""
     b, kv_heads, g, t, s = probs.shape
     if t == 1:
         out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None].astype(jnp.float32), axis=3)[:, None]
         return out.astype(dtype)
-    out = probs.astype(dtype).reshape(b, kv_heads, g * t, s) @ v  # [B, K, G·T, Dh]
+    out = probs.astype(dtype).reshape(b, kv_heads, g * t, s) @ v  # [N, K, G·T, H]
     return out.reshape(b, kv_heads, g, t, -1).transpose(0, 3, 1, 2, 4)
 
 
@@ -211,26 +212,26 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         b, t, d = x.shape
-        hidden = swiglu(x.reshape(b * t, d), self.gate_up[...].astype(x.dtype))  # [B·T, F]
+        hidden = swiglu(x.reshape(b * t, d), self.gate_up[...].astype(x.dtype))  # [N·T, F]
         return (hidden @ self.down[...].astype(x.dtype)).reshape(b, t, d)
 
 
 @jax.custom_vjp
 def swiglu(x: jax.Array, gate_up: jax.Array) -> jax.Array:
-    """`silu(x @ gate) · (x @ up)` for x `[N, D]` and the fused weight `gate_up [D, 2, F]` -> `[N, F]`.
+    """`silu(x @ gate) · (x @ up)` for x `[N·T, D]` and the fused weight `gate_up [D, 2, F]` -> `[N·T, F]`.
 
     The backward pass is written by hand; autodiff's cost ~5% more per training step on CPU
     (bench/vs_trl.py), in two places:
-      * the gradients of the gate and up slices were two zero-padded `[N, 2, F]` copies, added; here
+      * the gradients of the gate and up slices were two zero-padded `[N·T, 2, F]` copies, added; here
         they are stacked once;
-      * for the weight's gradient XLA transposed that `[N, 2F]` gradient rather than the 2F/D times
+      * for the weight's gradient XLA transposed that `[N·T, 2F]` gradient rather than the 2F/D times
         smaller x. The barrier makes it transpose x: XLA cannot fold an explicit x.T back into the dot.
     """
     return _swiglu_fwd(x, gate_up)[0]
 
 
 def _swiglu_fwd(x, gate_up):
-    projected = (x @ gate_up.reshape(gate_up.shape[0], -1)).reshape(x.shape[0], 2, -1)  # [N, 2, F]
+    projected = (x @ gate_up.reshape(gate_up.shape[0], -1)).reshape(x.shape[0], 2, -1)  # [N·T, 2, F]
     return jax.nn.silu(projected[:, 0]) * projected[:, 1], (x, gate_up, projected)
 
 
@@ -239,7 +240,7 @@ def _swiglu_bwd(residuals, d_out):
     gate, up = projected[:, 0], projected[:, 1]
     sig = jax.nn.sigmoid(gate)
     d_gate = d_out * up * sig * (1 + gate * (1 - sig))  # d silu(g) / dg = σ(g)·(1 + g·(1 − σ(g)))
-    d_projected = jnp.stack([d_gate, d_out * gate * sig], axis=1).reshape(x.shape[0], -1)  # [N, 2F]
+    d_projected = jnp.stack([d_gate, d_out * gate * sig], axis=1).reshape(x.shape[0], -1)  # [N·T, 2F]
     weight = gate_up.reshape(gate_up.shape[0], -1)
     d_weight = jax.lax.optimization_barrier(x.T) @ d_projected
     return d_projected @ weight.T, d_weight.reshape(gate_up.shape)
@@ -270,7 +271,7 @@ _run_layer_remat = nnx.remat(_run_layer)
 
 
 class Transformer(nnx.Module):
-    """The decoder. `model(input_ids[B, T], attention_mask[B, T]) -> logits[B, T, V]`."""
+    """The decoder. `model(input_ids[N, T], attention_mask[N, T]) -> logits[N, T, V]`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -282,16 +283,16 @@ class Transformer(nnx.Module):
                         _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Logits `[B, T, V]` (float32) for a left- or right-padded batch; padded positions are junk."""
+        """Logits `[N, T, V]` (float32) for a left- or right-padded batch; padded positions are junk."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         hidden, _ = self.hidden_states(input_ids, positions_from_mask(attention_mask),
                                        attention_mask.astype(bool))
         return self.logits(hidden)
 
-    def hidden_states(self, input_ids, positions, kv_mask, cache: list[LayerCache] | None = None,
+    def hidden_states(self, input_ids, positions, kv_mask, *, cache: list[LayerCache] | None = None,
                       write_index=0, prefix: list[LayerCache] | None = None):
-        """Final-normed hidden states `[B, T, D]` and the updated cache (None without one).
+        """Final-normed hidden states `[N, T, D]` and the updated cache (None without one).
 
         `prefix`: per layer, a cache that groups of rows share ahead of their own (see `attend`).
         """
@@ -316,7 +317,7 @@ class Transformer(nnx.Module):
         return out.astype(jnp.float32)
 
     def init_cache(self, batch: int, length: int) -> list[LayerCache]:
-        """An empty KV cache of S = `length` slots: per layer, keys `[B, K, Dh, S]`, values `[B, K, S, Dh]`.
+        """An empty KV cache of S = `length` slots: per layer, keys `[N, K, H, S]`, values `[N, K, S, H]`.
 
         One buffer per layer, not one stacked `[L, ...]` array: updating a slice of a stacked cache made
         XLA copy the whole cache every layer and step.
@@ -329,5 +330,33 @@ class Transformer(nnx.Module):
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """Position ids `[B, T]`: 0 at each row's first real token, so left padding does not shift RoPE."""
+    """Position ids `[N, T]`: 0 at each row's first real token, so left padding does not shift RoPE."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def response_hidden(model: Transformer, *, prompt_ids, prompt_mask, response_ids, response_mask,
+                    prompt_group: int = 1) -> jax.Array:
+    """Hidden states `[N, R, D]` at the positions that predict each response token, for left-padded
+    prompts `[N, P]` and right-padded responses `[N, R]`.
+
+    With `prompt_group` g > 1, rows g·k … g·k+g-1 must share one prompt: the prompt of each group runs
+    once through the model's KV-cache path, its keys and values are repeated for the group's g rows, and
+    the responses run against them. Same result as g = 1 (one full pass per row) up to float rounding,
+    gradients included (they flow back through the repeat into the one prompt pass).
+    """
+    p, r = prompt_ids.shape[1], response_ids.shape[1]
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)  # [N, T]
+    positions = positions_from_mask(mask)
+    if prompt_group == 1:
+        hidden, _ = model.hidden_states(jnp.concatenate([prompt_ids, response_ids], axis=1), positions, mask)
+        return hidden[:, p - 1:p + r - 1]
+    n, g = prompt_ids.shape[0], prompt_group
+    if n % g:
+        raise ValueError(f"{n} rows do not split into prompt groups of {g}: micro-batches must hold whole groups")
+    first = lambda x: x.reshape((n // g, g) + x.shape[1:])[:, 0]  # each group's first row [N/g, ...]
+    prompt_hidden, cache = model.hidden_states(first(prompt_ids), first(positions)[:, :p], first(mask),
+                                               cache=model.init_cache(n // g, p + r))
+    cache = jax.tree.map(lambda x: jnp.repeat(x, g, axis=0), cache)
+    hidden, _ = model.hidden_states(response_ids, positions[:, p:], mask, cache=cache, write_index=p)
+    # Left padding puts every prompt's last token at P-1: its hidden state predicts response token 0.
+    return jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], g, axis=0), hidden[:, :-1]], axis=1)

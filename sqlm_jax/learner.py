@@ -1,0 +1,243 @@
+"""The learner: the weights being trained (policy, and critic with GAE), the frozen reference, and the
+compiled passes that turn one role's sampled rows into an update.
+
+    SampleOutput (responses on the device, prompts on the host)
+      ──role_batch: trim all-padding prompt columns, place prompts on the mesh──▶ RoleBatch [N, ...]
+      ──prepare (one jit): old log-probs (the sampler's own, or a pass), reference log-probs, critic
+                           values, advantages (GRPO over the groups of `rewards [Q, n]`, or GAE)──▶
+      ──update (one jit per trained model): PPO epochs × mini-batches × micro-batches, optax──▶ state
+      ──fetch: every role's metrics in one host transfer
+
+A batch is built once and stays on the device(s) from the sampler to the update; the host sends the
+prompts and rewards and receives the metrics. Micro-batches are cut inside the compiled calls, rows of
+each split over the mesh's batch axes.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sqlm_jax import mesh as mesh_lib
+from sqlm_jax import rl
+from sqlm_jax.sampling import SampleOutput
+from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, batch_logprobs, batch_values,
+                                 make_optimizer, policy_loss_fn, train_step, value_loss_fn)
+
+
+class NonFiniteError(RuntimeError):
+    """Updates were skipped for a non-finite loss or gradient norm for too many steps in a row."""
+
+
+def trim_prompt_padding(prompt_ids: np.ndarray, prompt_mask: np.ndarray, multiple: int = 16
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompts `[N, P]` without the leading columns that are padding in every row.
+
+    The sampler pads prompts to a bucketed length; the update would spend that work on pad tokens. The
+    width kept is the longest prompt rounded up to a multiple of `multiple` (at most P), so a run
+    compiles few shapes. Positions come from the mask, so log-probs and losses are unchanged.
+    """
+    p = prompt_mask.shape[1]
+    used = p - int(np.argmax(prompt_mask.any(axis=0)))  # from the first column any row uses
+    keep = min(p, -(-used // multiple) * multiple)
+    return prompt_ids[:, p - keep:], prompt_mask[:, p - keep:]
+
+
+def prompt_group_size(samples_per_prompt: int, rows_per_device: int) -> int:
+    """The largest group of consecutive rows that answer one prompt (runs of `samples_per_prompt`) and
+    divides a micro-batch's `rows_per_device`: groups never span two prompts, devices or micro-batches."""
+    return math.gcd(samples_per_prompt, rows_per_device)
+
+
+def check_prompt_groups(prompt_ids: np.ndarray, prompt_mask: np.ndarray, group: int) -> None:
+    """Raises unless rows g·k … g·k+g-1 (g = `group`) share one prompt, as RoleBatch.prompt_group says."""
+    if group == 1:
+        return
+    if prompt_ids.shape[0] % group:
+        raise ValueError(f"{prompt_ids.shape[0]} rows do not split into prompt groups of {group}")
+    for x in (prompt_ids, prompt_mask):
+        grouped = x.reshape((-1, group) + x.shape[1:])
+        if not (grouped == grouped[:, :1]).all():
+            raise ValueError(f"rows in a group of {group} do not share one prompt; set "
+                             "rl.shared_prompt_pass=False or keep each prompt's samples together")
+
+
+def updates_per_run(config) -> int:
+    """Optimizer updates of a whole run (the length of a decaying learning-rate schedule)."""
+    c = config
+    solver = c.rollout.batch_size * c.rollout.n // c.rl.mini_batch_size
+    proposer = (c.rollout.batch_size // c.rl.mini_batch_size
+                if c.rl.proposer_update_freq else 0) / max(c.rl.proposer_update_freq, 1)
+    return int(c.train.steps * c.rl.ppo_epochs * (solver + proposer)) + 1
+
+
+class Learner:
+    """The policy's TrainState (and the critic's), the reference weights, and their compiled passes.
+
+    `critic` is `(graphdef, params)` of a models.critic.Critic already on the mesh, or None (GRPO).
+    """
+
+    def __init__(self, config, mesh, graphdef, params, critic=None):
+        c = self.config = config
+        self.mesh, self.graphdef = mesh, graphdef
+        self.rows_per_device = c.rl.micro_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+        # A real copy: the policy's buffers are donated to each update.
+        self.ref_params = jax.tree.map(jnp.copy, params) if c.rl.use_kl else None
+        total = updates_per_run(c)
+        self.state, self._update = self._compiled(
+            params, make_optimizer(c.optim, total_updates=total),
+            policy_loss_fn(graphdef, LossConfig.from_config(c.rl)))
+        self.critic_graphdef = self.critic_state = None
+        if critic is not None:
+            self.critic_graphdef, critic_params = critic
+            critic_tx = make_optimizer(ml_collections.ConfigDict({**c.optim, "lr": c.rl.critic_lr}),
+                                       total_updates=total)
+            self.critic_state, self._critic_update = self._compiled(
+                critic_params, critic_tx, value_loss_fn(self.critic_graphdef, c.rl.value_clip))
+        self._assemble = jax.jit(_assemble, static_argnames="prompt_group")
+        self._prepare = jax.jit(self._prepare_fn)
+
+    def _compiled(self, params, tx, loss_fn):
+        """A TrainState placed on the mesh and its jitted `update(state, batch)`.
+
+        Optimizer moments shard like their parameters; step counters are replicated.
+        """
+        param_shardings = jax.tree.map(lambda x: x.sharding, params)
+        replicated = mesh_lib.replicated(self.mesh)
+        opt_shardings = optax.tree_map_params(
+            tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
+            param_shardings, transform_non_params=lambda _: replicated)
+        shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+        state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                        out_shardings=shardings)(params)
+        update = jax.jit(functools.partial(self._update_fn, step=functools.partial(train_step, loss_fn=loss_fn, tx=tx)),
+                         donate_argnums=0, out_shardings=(shardings, None))
+        return state, update
+
+    # ------------------------------------------------------------------------------ what is trained
+    @property
+    def policy(self):
+        """The policy as `(graphdef, params)`, the form the sampler takes."""
+        return self.graphdef, self.state.params
+
+    @property
+    def states(self) -> dict[str, TrainState]:
+        """Everything trained, as checkpoints hold it: the policy, and the critic when there is one."""
+        return {"policy": self.state, **({"critic": self.critic_state} if self.critic_state else {})}
+
+    @states.setter
+    def states(self, states: dict[str, TrainState]) -> None:
+        self.state, self.critic_state = states["policy"], states.get("critic")
+
+    @property
+    def reuses_sampler_logprobs(self) -> bool:
+        """Whether the old log-probs are the sampler's (rl.reuse_sampler_logprobs, and sampling at
+        temperature 1 without top-k / top-p) rather than a forward pass under the same weights."""
+        c = self.config
+        return bool(c.rl.reuse_sampler_logprobs and c.rollout.temperature == 1 and c.rollout.top_k == 0
+                    and c.rollout.top_p == 1)
+
+    def prompt_group(self, samples_per_prompt: int) -> int:
+        """Rows of a role batch that share one prompt pass (1: rl.shared_prompt_pass off): runs of the
+        samples of one prompt, in groups that never span two devices or two micro-batches."""
+        if not self.config.rl.shared_prompt_pass:
+            return 1
+        return prompt_group_size(samples_per_prompt, self.rows_per_device)
+
+    # ------------------------------------------------------------------------------ one role's batch
+    def batch(self, sample: SampleOutput, row_mask: np.ndarray, rewards: np.ndarray) -> RoleBatch:
+        """A role's batch ready for `update`: `role_batch`, then `prepare` with the sampler's
+        log-probs as the old ones where they are exact."""
+        return self.prepare(self.role_batch(sample, row_mask), rewards,
+                            sample.logprobs if self.reuses_sampler_logprobs else None)
+
+    def role_batch(self, sample: SampleOutput, row_mask: np.ndarray) -> RoleBatch:
+        """The sampled rows as a RoleBatch on the mesh, rows outside `row_mask [N]` out of every loss;
+        the other fields are zeros until `prepare`."""
+        prompt_ids, prompt_mask = trim_prompt_padding(sample.prompt_tokens, sample.prompt_mask)
+        group = self.prompt_group(sample.n)
+        check_prompt_groups(prompt_ids, prompt_mask, group)
+        prompt_ids, prompt_mask, row_mask = mesh_lib.shard_rows((prompt_ids, prompt_mask, row_mask), self.mesh)
+        return self._assemble(prompt_ids, prompt_mask, row_mask, sample.tokens, sample.mask, prompt_group=group)
+
+    def prepare(self, batch: RoleBatch, rewards, sampler_logprobs=None) -> RoleBatch:
+        """Old and reference log-probs, critic values and advantages, before any update of the step.
+
+        `rewards [Q, n]`: one per row, Q groups of n consecutive rows. The old log-probs are
+        `sampler_logprobs [N, R]` when given: the sampler's, recorded under the weights it sampled with,
+        which are the current ones (every role samples before the step's first update).
+        """
+        critic_params = None if self.critic_state is None else self.critic_state.params
+        rewards = mesh_lib.shard_rows(np.asarray(rewards, np.float32), self.mesh)
+        return self._prepare(self.state.params, self.ref_params, critic_params, batch, rewards,
+                             sampler_logprobs)
+
+    def _prepare_fn(self, params, ref_params, critic_params, batch: RoleBatch, rewards, sampler_logprobs):
+        micro, mask = self._micro_batches(batch, -1), batch.response_mask
+        flat = lambda x: x.reshape(mask.shape)
+        zeros = jnp.zeros(mask.shape, jnp.float32)
+        old = (flat(batch_logprobs(self.graphdef, params, micro)) if sampler_logprobs is None
+               else jnp.where(mask, sampler_logprobs, 0.0))
+        ref = zeros if ref_params is None else flat(batch_logprobs(self.graphdef, ref_params, micro))
+        values = zeros if critic_params is None else flat(batch_values(self.critic_graphdef, critic_params, micro))
+        rl_cfg = self.config.rl
+        if rl_cfg.advantage == "grpo":
+            sequence = rl.grpo_advantages(rewards, rl_cfg.grpo_eps).reshape(-1)
+            advantages, returns = rl.broadcast_sequence_advantage(sequence, mask), zeros
+        else:  # GAE: the outcome reward on the last response token, whitened over the whole batch
+            advantages, returns = rl.gae_advantages(rl.outcome_token_rewards(rewards.reshape(-1), mask),
+                                                    values, mask, rl_cfg.gamma, rl_cfg.lam)
+        return batch.replace(old_logp=old, ref_logp=ref, old_values=values, advantages=advantages,
+                             returns=returns)
+
+    # ------------------------------------------------------------------------------------- updates
+    def update(self, batch: RoleBatch) -> dict[str, jax.Array]:
+        """PPO epochs over mini-batches of `rl.mini_batch_size` groups of n rows (the critic's update
+        first, when there is one); metrics `[updates]` on the device, for `fetch`."""
+        metrics = {}
+        if self.critic_state is not None:
+            self.critic_state, critic = self._critic_update(self.critic_state, batch)
+            metrics = {f"critic_{k}": v for k, v in critic.items()}
+        self.state, policy = self._update(self.state, batch)
+        return {**policy, **metrics}
+
+    def _update_fn(self, state: TrainState, batch: RoleBatch, *, step):
+        rows = self.config.rl.mini_batch_size * self.config.rollout.n
+        mini = self._micro_batches(batch, batch.response_ids.shape[0] // rows, -1)  # [mini, M, mb, ...]
+        metrics = []
+        for _ in range(self.config.rl.ppo_epochs):
+            state, m = jax.lax.scan(step, state, mini)
+            metrics.append(m)
+        return state, jax.tree.map(lambda *x: jnp.concatenate(x), *metrics)
+
+    def _micro_batches(self, tree, *lead: int):
+        """`[N, ...]` arrays -> `[*lead, mb, ...]`, mb = rl.micro_batch_size rows split over the mesh."""
+        mb = self.config.rl.micro_batch_size
+        split = jax.tree.map(lambda x: x.reshape(lead + (mb,) + x.shape[1:]), tree)
+        return mesh_lib.constrain_rows(split, self.mesh, row_axis=len(lead))
+
+
+def fetch(metrics: dict[str, dict[str, jax.Array]]) -> dict[str, float]:
+    """`{role: update metrics [updates]}` -> `{"role/name": value}` on the host, in one transfer: the
+    mean over a role's updates, and for "skipped" the count, named "skipped_steps"."""
+    names = [(role, k) for role in metrics for k in sorted(metrics[role])]
+    if not names:
+        return {}
+    arrays = [metrics[role][k] for role, k in names]
+    flat = mesh_lib.to_host(jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in arrays]))
+    values = np.split(flat, np.cumsum([x.size for x in arrays])[:-1])
+    return {f"{role}/{k}_steps" if k.endswith("skipped") else f"{role}/{k}":
+            float(v.sum() if k.endswith("skipped") else v.mean()) for (role, k), v in zip(names, values)}
+
+
+def _assemble(prompt_ids, prompt_mask, row_mask, response_ids, response_mask, *, prompt_group: int) -> RoleBatch:
+    mask = response_mask & row_mask[:, None]
+    zeros = jnp.zeros(mask.shape, jnp.float32)
+    return RoleBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
+                     response_mask=mask, advantages=zeros, old_logp=zeros, ref_logp=zeros, old_values=zeros,
+                     returns=zeros, prompt_group=prompt_group)
