@@ -30,6 +30,9 @@ PARSERS = {
     "to_fraction": answers.to_fraction,
     "parse_math_answer": answers.parse_math_answer,
     "parse_math_answer normalized": lambda t: answers.parse_math_answer(t, normalize=True),
+    "last_boxed": answers.last_boxed,
+    "hash_answer": answers.hash_answer,
+    "parse_math_answer boxed normalized": lambda t: answers.parse_math_answer(t, normalize=True, answer_format="boxed"),
     "parse_selected_question": parse_selected_question,
     "parse_proposal": parse_proposal,
     "extract_program": extract_program,
@@ -56,6 +59,7 @@ def test_every_task_parses_and_scores_any_text(tasks, text, truth):
     for name, task in tasks.items():
         question = task.parse_question(text)
         assert question is None or isinstance(question, Question)
+        assert isinstance(task.reference_question(text), Question)
         assert isinstance(task.parse_answer(text), (str, type(None)))
         if name != "coding":  # coding's truth is its tests, scored in the sandbox
             assert 0.0 <= task.score(text, truth) <= 1.0

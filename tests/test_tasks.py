@@ -30,8 +30,8 @@ def test_get_task_builds_every_task_with_the_protocol():
         assert task.name == name
         assert task.reward == ("unit_tests" if name == "coding" else "majority")
         assert task.proposer_prompt
-        for method in ("parse_question", "solver_prompt", "parse_answer", "heldout_problems", "score",
-                       "question_features"):
+        for method in ("parse_question", "reference_question", "solver_prompt", "parse_answer",
+                       "heldout_problems", "score", "question_features"):
             assert callable(getattr(task, method))
 
 
@@ -366,7 +366,57 @@ def test_coding_parse_answer_takes_the_last_python_block():
     cut_off = "print(3)\n# cut off by the length limit"
     assert task.parse_answer(f"```python\n{cut_off}") == cut_off
     assert task.parse_answer("no code here") is None
-    assert task.parse_answer("```\nprint(4)\n```") is None
+
+
+def test_coding_program_falls_back_to_the_first_bare_block():
+    """Issue 14: the reference's extractor reads the first bare ``` block when there is no ```python
+    one, dropping a language word on its first line."""
+    task = get_task("coding")
+    assert task.parse_answer("```\nprint(4)\n```\n```\nprint(5)\n```") == "print(4)"
+    assert task.parse_answer("Here:\n```py\nprint(6)\n```") == "print(6)"
+    assert task.parse_answer("```cpp\nint main() {}\n```") == "int main() {}"
+    assert task.parse_answer("```print(7)```") == "print(7)"
+    assert task.parse_answer("```python\nprint(8)\n```\n```\nprint(9)\n```") == "print(8)"
+    assert task.score("I would print the sum.", (("1 2", "3"),)) == 0.0  # no block: nothing runs
+
+
+def test_reference_questions_are_what_the_reference_sends_the_solver():
+    """ray_trainer.py fit(): arithmetic's raw proposal; algebra's text after the last "Selected
+    Question" (colon kept) or the whole proposal; coding's problem with its tests, or none."""
+    arithmetic, algebra, coding = (get_task(n) for n in ("arithmetic", "algebra", "coding"))
+    assert arithmetic.reference_question(" 12*3\n") == Question(" 12*3\n")
+    assert arithmetic.reference_question("") == Question("")
+    assert algebra.reference_question("A.\nSelected Question: Solve x+1=2.") == Question(": Solve x+1=2.")
+    assert algebra.reference_question("Solve 2x = 4 for x.") == Question("Solve 2x = 4 for x.")
+    assert coding.reference_question("Sum them.\nTest Cases:\n1 2 ||| 3\n") == Question("Sum them.", (("1 2", "3"),))
+    assert coding.reference_question("Sum them.\nTest Cases:\nnone") == Question("Sum them.")
+    assert coding.reference_question("Sum them.") == Question("Sum them.")
+    for task, proposal in ((algebra, "no marker"), (coding, "Sum.\nTest Cases:\n1 ||| 1")):
+        if task.parse_question(proposal) is not None:  # strict and reference agree on valid proposals
+            assert task.parse_question(proposal).tests == task.reference_question(proposal).tests
+
+
+@pytest.mark.parametrize("answer_format, response, expected", [
+    ("tag", "<think>2*3</think> <answer> 6 </answer>", "6"),
+    ("tag", "<answer>6.0</answer>", None),  # the reference keeps integer strings only
+    ("boxed", "so \\boxed{6} and finally \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("boxed", "\\boxed{x^{2}} then \\boxed{12", None),  # verl: an unclosed last box reads as none
+    ("boxed", "no box", None),
+    ("hash", "Natalia sold 48 + 24 = 72 clips.\n#### 1,072", "1072"),
+    ("hash", "#### $5\n#### 7", "7"),  # "$5" is not a number right after "#### ": the next one is
+    ("hash", "#### 5\n#### 7", "5"),  # verl's strict search: the first one in the last 300 characters
+    ("hash", "the answer is 7", None),
+])
+def test_answer_formats_of_labelled_math_data(answer_format, response, expected):
+    assert get_task("algebra", answer_format=answer_format).parse_answer(response) == expected
+
+
+def test_answer_formats_normalised():
+    assert get_task("algebra", answer_format="boxed", normalize_answers=True).parse_answer(
+        "\\boxed{\\frac{2}{4}}") == "1/2"
+    assert get_task("arithmetic", answer_format="hash", normalize_answers=True).parse_answer("#### 1,000.0") == "1000"
+    with pytest.raises(ValueError, match="answer_format='latex'; choose one of"):
+        get_task("algebra", answer_format="latex")
 
 
 # Reference solutions of the shipped sample, by extra_info.index; kept here, out of the data file.

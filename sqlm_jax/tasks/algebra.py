@@ -36,8 +36,8 @@ def parse_selected_question(text: str) -> str | None:
     """Text after the last "Selected Question", without the colon / markdown bold around the marker.
 
     None if the marker is absent or nothing follows it. (The reference keeps the text after the
-    marker as is, colon included, and on a missing marker sends the whole proposal to the solver
-    with the proposer's loss masked; here the trainer decides what an invalid proposal costs.)
+    marker as is, colon included, and on a missing marker sends the whole proposal to the solver,
+    rewarded as usual: ``AlgebraTask.reference_question``.)
     """
     if SELECTED_MARKER not in text:
         return None
@@ -135,6 +135,11 @@ class AlgebraTask(MathTask):
     def parse_question(self, text: str) -> Question | None:
         question = parse_selected_question(text)
         return None if question is None else Question(question)
+
+    def reference_question(self, text: str) -> Question:
+        """The text after the last "Selected Question" as it stands (colon included), or the whole
+        proposal without one (ray_trainer.py ``fit``, proposer_parser_version v2)."""
+        return Question(text.split(SELECTED_MARKER)[-1])
 
     def heldout_problems(self, n: int, seed: int) -> list[tuple[Question, str]]:
         """(question, truth) pairs; truth is the exact answer string (generator: ``str(Fraction)``)."""

@@ -18,6 +18,7 @@ from fractions import Fraction
 
 # The reference uses re.finditer without DOTALL: a tag whose content spans a newline never matches.
 _OPEN, _CLOSE = "<answer>", "</answer>"
+_HASH = re.compile(r"#### (\-?[0-9\.\,]+)")
 
 _DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
@@ -117,14 +118,49 @@ def to_fraction(s: str) -> Fraction | None:
 
 def normalized_answer(text: str) -> str | None:
     """Canonical exact-rational string of the last ``<answer>`` tag (may span lines), or None."""
-    content = last_answer_tag(text, multiline=True)
-    value = None if content is None else to_fraction(content)
+    return parse_math_answer(text, normalize=True)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{…}`` (braces balanced), or None; as verl's
+    ``reward_score/math.py`` ``last_boxed_only_string`` + ``remove_boxed``, which the reference's
+    majority manager uses for MATH-style data. An unclosed last box is None."""
+    start = text.rfind("\\boxed{")
+    if start == -1:
+        return None
+    depth, body = 0, start + len("\\boxed{")
+    for i in range(body, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth < 0:
+            return text[body:i]
+    return None
+
+
+def hash_answer(text: str) -> str | None:
+    """GSM8K's final answer: the number after the first ``#### `` in the last 300 characters, commas
+    and dollar signs removed, or None; as verl's ``reward_score/gsm8k.py`` ``extract_solution``
+    (strict), which the reference's majority manager uses for GSM8K data."""
+    match = _HASH.search(text[-300:])
+    return None if match is None else match.group(1).replace(",", "").replace("$", "")
+
+
+# Where a response's answer is read; the tag may span lines once answers are normalised.
+ANSWER_FORMATS = {"tag": lambda text: last_answer_tag(text, multiline=True), "boxed": last_boxed,
+                  "hash": hash_answer}
+
+
+def parse_math_answer(text: str, *, normalize: bool = False, answer_format: str = "tag") -> str | None:
+    """The string a math solver response votes with: reference rules, or normalised if asked.
+
+    ``"tag"`` keeps the reference's integer check (``reference_answer``); ``"boxed"`` and ``"hash"``
+    keep the extracted string as the reference does. ``normalize`` votes on exact values instead."""
+    if answer_format == "tag" and not normalize:
+        return reference_answer(text)
+    extracted = ANSWER_FORMATS[answer_format](text)
+    if extracted is None or not normalize:
+        return extracted
+    value = to_fraction(extracted)
     return None if value is None else str(value)
-
-
-def parse_math_answer(text: str, *, normalize: bool = False) -> str | None:
-    """The string a math solver response votes with: reference rules, or normalised if asked."""
-    return normalized_answer(text) if normalize else reference_answer(text)
 
 
 def same_value(answer: str | None, truth: object) -> bool:

@@ -88,6 +88,10 @@ class ArithmeticTask(MathTask):
         text = text.strip()
         return Question(text) if text else None
 
+    def reference_question(self, text: str) -> Question:
+        """The raw proposal, never invalid (ray_trainer.py ``fit``, proposer_parser_version v1)."""
+        return Question(text)
+
     def heldout_problems(self, n: int, seed: int) -> list[tuple[Question, str]]:
         """``n`` multiplication problems, truth = the exact product as a decimal string."""
         return [

@@ -39,6 +39,11 @@ class Task(Protocol):
     ``system_prompt`` is the system message the reference puts before the solver prompt (only the
     coding task has one; None elsewhere). Chat templates are applied by the caller.
 
+    ``parse_question`` is strict: None for a proposal that does not follow the format.
+    ``reference_question`` is what the reference sends to the solver for any proposal, valid or not
+    (verl fork, ray_trainer.py, the proposer_parser_version branches of ``fit``): the default
+    ``reward.invalid_proposals="reference"`` uses it, ``"mask"`` drops what ``parse_question`` rejects.
+
     ``question_features`` maps a question to a fixed set of named difficulty measures (operand
     digits, operators, variables, test cases, length ...): the same keys for every question of the
     task, zeros where a question has none of a thing. ``curriculum_panels`` names which of them the
@@ -52,6 +57,8 @@ class Task(Protocol):
     curriculum_panels: tuple[FeaturePanel, ...]
 
     def parse_question(self, text: str) -> Question | None: ...
+
+    def reference_question(self, text: str) -> Question: ...
 
     def solver_prompt(self, question: Question) -> str: ...
 
@@ -79,6 +86,9 @@ class MathTask:
 
     ``normalize_answers`` switches answer extraction from the reference rules (integer strings,
     compared exactly: "05" != "5") to exact-rational canonical strings (see ``answers``).
+    ``answer_format`` is where the answer is read: ``"tag"`` (the last ``<answer>``, the paper's
+    prompts), ``"boxed"`` (the last ``\\boxed{}``) or ``"hash"`` (GSM8K's ``#### answer``), the three
+    forms the reference's majority manager reads.
     """
 
     reward: ClassVar[str] = "majority"
@@ -86,12 +96,17 @@ class MathTask:
 
     solver_instruction: str = MATH_SOLVER_INSTRUCTION
     normalize_answers: bool = False
+    answer_format: str = "tag"
+
+    def __post_init__(self):
+        if self.answer_format not in answers.ANSWER_FORMATS:
+            raise ValueError(f"answer_format={self.answer_format!r}; choose one of {list(answers.ANSWER_FORMATS)}")
 
     def solver_prompt(self, question: Question) -> str:
         return f"{self.solver_instruction} {question.text}"
 
     def parse_answer(self, text: str) -> str | None:
-        return answers.parse_math_answer(text, normalize=self.normalize_answers)
+        return answers.parse_math_answer(text, normalize=self.normalize_answers, answer_format=self.answer_format)
 
     def score(self, response: str, truth: Any) -> float:
         """1.0 if the response's parsed answer has the truth's exact value, else 0.0."""

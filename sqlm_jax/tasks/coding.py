@@ -87,14 +87,21 @@ def parse_proposal(text: str) -> tuple[str, tuple[tuple[str, str], ...]] | None:
 
 
 def extract_program(text: str) -> str | None:
-    """The last ```python block of a response, or None if there is none.
+    """The program of a response: the last ```python block, else the first bare ``` block (a language
+    word on its first line dropped), else None; then nothing is run and the response scores 0.
 
     Like the reference's extractor (split on the last "```python", then on the next "```"), a block
     cut off by the length limit runs to the end of the response.
     """
-    if "```python" not in text:
+    if "```python" in text:
+        return text.rsplit("```python", 1)[1].split("```", 1)[0].strip("\n")
+    if "```" not in text:
         return None
-    return text.rsplit("```python", 1)[1].split("```", 1)[0].strip("\n")
+    block = text.split("```", 2)[1]
+    first, newline, rest = block.partition("\n")
+    # "```cpp\n...": the word names the language; "```\nprint(1)": the first line is code.
+    is_language_word = bool(newline) and first.strip().isidentifier() and " " not in first.strip()
+    return (rest if is_language_word else block).strip("\n")
 
 
 def _problem_statement(record: dict) -> str:
@@ -137,6 +144,13 @@ class CodingTask:
     def parse_question(self, text: str) -> Question | None:
         parsed = parse_proposal(text)
         return None if parsed is None else Question(*parsed)
+
+    def reference_question(self, text: str) -> Question:
+        """The problem before "Test Cases:" with its tests; without a parsable test, no tests, so that
+        every solution scores 0 (ray_trainer.py ``fit``, proposer_parser_version v3: the reference's
+        dummy unit tests on ``extract_unit_tests(...) == 'error'``)."""
+        parsed = parse_proposal(text)
+        return Question(*parsed) if parsed is not None else Question(text.split(TESTS_MARKER)[0].strip())
 
     def solver_prompt(self, question: Question) -> str:
         return f"{question.text}\n\n{self.solver_instruction}"
