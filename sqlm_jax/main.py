@@ -27,24 +27,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # JAX's backend probing logs at INFO; keep the console for the run
-    from sqlm_jax.config_check import ConfigError, validate
-    from sqlm_jax.mesh import MeshError
-    from sqlm_jax.models import CheckpointError, UnsupportedModelError
-    from sqlm_jax.plan import MemoryPlanError
+    from sqlm_jax.config_check import validate
+    from sqlm_jax.errors import one_line_errors
 
     config = _CONFIG.value
     if config is None:
         sys.exit("error: pass --config=configs/<experiment>.py (e.g. configs/tiny.py)")
-    user_errors = (ConfigError, MeshError, CheckpointError, UnsupportedModelError, MemoryPlanError,
-                   FileNotFoundError, FileExistsError)
-    try:
+    with one_line_errors():
         validate(config)
         from sqlm_jax import distributed
         distributed.initialize(config.distributed)  # before anything touches a device
         from sqlm_jax.train import Trainer
         summary = Trainer(config).run()
-    except user_errors as e:
-        sys.exit(f"error: {e}")
     if "final_accuracy" in summary:
         first, last = summary["eval_history"][0], summary["eval_history"][-1]
         print(f"held-out greedy accuracy: {summary['base_accuracy']:.3f} -> {summary['final_accuracy']:.3f}")
