@@ -4,10 +4,13 @@
 
 Weights are measured, not guessed: the parameter shapes and logical axes come from an abstract model
 (`nnx.eval_shape`, no weights allocated) and each tensor is divided exactly as `mesh.logical_spec`
-shards it. Activations are an estimate of what XLA keeps alive (see `_layer_activations`):
-without remat it came within 8% of XLA's compiled temporary memory for a 6-layer model on CPU; the
-remat figure is the textbook one (layer inputs + one layer), since XLA on CPU does not show remat's
-saving at all.
+shards it. The phases' buffers are estimates of what XLA keeps alive, counted from the code and
+checked against XLA's own accounting of the compiled sampler and update on CPU (tests/test_plan.py,
+within 10%, for sequences of 256+ tokens where attention's quadratic term is a large share; shorter
+ones are overestimated, ~30% at 80 tokens). The remat figure is the textbook one (layer inputs + one
+layer), since XLA on CPU does not show remat's saving at all. With rl.shared_prompt_pass (the
+default) the update runs each prompt once per group of rows, which the plan does not model: its
+training figure is then an upper bound (XLA's was ~45-60% of it with groups of 4 rows).
 
 A step has two phases that never hold their big buffers at the same time: sampling (the KV cache) and
 training (gradients, activations, logits). Weights and optimizer state live through both. So
@@ -19,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -29,21 +31,15 @@ import numpy as np
 from jax.sharding import AbstractMesh
 
 from sqlm_jax import mesh as mesh_lib
+from sqlm_jax.device_memory import (GiB, HBM_BYTES, accelerator_bytes, host_ram_bytes,  # noqa: F401
+                                    local_device_bytes, parse_accelerator)
 from sqlm_jax.models.config import ModelConfig
 from sqlm_jax.models.hf import is_local_path, read_model_config, resolve_checkpoint
 from sqlm_jax.sampling import bucket_length
 
-GiB = 2 ** 30
 # Kept free for XLA's scratch buffers, fragmentation and the runtime: a plan that uses the last few
 # percent of HBM on paper fails at compile time in practice.
 HEADROOM = 0.10
-# Memory per chip (per GPU). "cpu" is the host's RAM, shared by all of the host's devices.
-HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB,
-             "h100": 80 * GiB, "h200": 141 * GiB}
-# TPU accelerator-type prefix -> (family, TensorCores per chip): v4 and v5p type names count
-# TensorCores (v4-8 is 4 chips), v5e and v6e count chips (v5litepod-8 is 8 chips).
-_TPU_TYPES = {"v4": ("v4", 2), "v5litepod": ("v5e", 1), "v5e": ("v5e", 1), "v5p": ("v5p", 2),
-              "v6e": ("v6e", 1)}
 _BUNDLED_CONFIGS = Path(__file__).parent / "assets" / "model_configs"
 PHASES = ("resident", "sampling", "training")
 
@@ -155,13 +151,13 @@ def weights_bytes(layout, mesh) -> int:
 def sampling_calls(config) -> dict[str, tuple[int, int, int, int]]:
     """(prompts, rows, prompt slots, response slots) of the two sampler calls of a step.
 
-    The proposer samples n completions of each of B prompts; the solver n answers to each of the B·n
-    questions. The sampler keeps one cache of each prompt's bucketed length, shared by its n rows, and
-    one of max_new_tokens slots per row.
+    The proposer samples B·n completions of the one topic prompt; the solver n answers to each of the
+    B·n questions. The sampler keeps one cache of each prompt's bucketed length, shared by its rows,
+    and one of max_new_tokens slots per row.
     """
     b, n, r = config.rollout.batch_size, config.rollout.n, config.rollout
     prompt = bucket_length(r.max_prompt_len)
-    return {"proposer": (b, b * n, prompt, r.proposer_max_new_tokens),
+    return {"proposer": (1, b * n, prompt, r.proposer_max_new_tokens),
             "solver": (b * n, b * n * n, prompt, r.solver_max_new_tokens)}
 
 
@@ -169,14 +165,6 @@ def largest_sampling_call(config) -> str:
     """The role whose sampler call has the larger KV cache: the sampling phase's peak."""
     calls = sampling_calls(config)
     return max(calls, key=lambda role: calls[role][0] * calls[role][2] + calls[role][1] * calls[role][3])
-
-
-def kv_cache_shapes(config, model_cfg: ModelConfig) -> list[tuple[int, int, int, int]]:
-    """`[rows, K, S, Dh]` of each layer's v buffers (k is `[rows, K, Dh, S]`, as many bytes) in the
-    step's largest sampler call: the prompts' shared cache, then the rows' own."""
-    prompts, rows, prompt, response = sampling_calls(config)[largest_sampling_call(config)]
-    k, dh = model_cfg.num_kv_heads, model_cfg.head_dim
-    return [(prompts, k, prompt, dh), (rows, k, response, dh)]
 
 
 _CACHE_AXES = ("batch", "kv_heads", None, None)  # as sampling.py constrains the cache (LayerCache)
@@ -223,32 +211,36 @@ def _training_rows(config, cfg: ModelConfig, mesh, weights: int) -> list[Row]:
         layer_input = shard_bytes((mb, seq, cfg.hidden_size), ("batch", None, "embed"),
                                   np.dtype(cfg.compute_dtype).itemsize, mesh)
         activations, how = cfg.num_layers * layer_input + 2 * layer, "remat: layer inputs + 1 layer x2"
-    else:  # every layer keeps all of its intermediates, plus one layer's cotangents in flight
-        activations, how = (cfg.num_layers + 1) * layer, f"no remat: {cfg.num_layers + 1} layers"
-    # Logits [mb, R, V] float32, their softmax (the entropy metric) and their cotangent.
-    logits = 3 * shard_bytes((mb, response, cfg.vocab_size), ("batch", None, "vocab"), 4, mesh)
+    else:  # every layer keeps all of its intermediates; the backward pass frees them as it goes
+        activations, how = cfg.num_layers * layer, f"no remat: {cfg.num_layers} layers"
+    # Logits [mb, R, V] float32 and what the loss derives from them (log-softmax, the entropy's
+    # softmax, their cotangents): 5 copies in XLA's CPU accounting.
+    logits = 5 * shard_bytes((mb, response, cfg.vocab_size), ("batch", None, "vocab"), 4, mesh)
     return [
         Row("gradients", "training", 2 * weights, "accumulator + one micro-batch's (param dtype)"),
         Row("activations", "training", activations,
             f"micro-batch {mb} x {seq} tokens, {how} (estimate)"),
-        Row("logits", "training", logits, f"[{mb}, {response}, {cfg.vocab_size}] float32 x3"),
+        Row("logits", "training", logits, f"[{mb}, {response}, {cfg.vocab_size}] float32 x5"),
     ]
 
 
 def _sampling_rows(config, cfg: ModelConfig, mesh) -> list[Row]:
     role = largest_sampling_call(config)
     prompts, rows, prompt, response = sampling_calls(config)[role]
-    # Besides the cache: one layer's float32 prefill scores and probabilities, and the decode step's
-    # float32 logits.
+    # Besides the cache, the larger of: the prefill's (before the rows' cache exists) float32 scores
+    # and probabilities of one layer, and a decode step's [rows, V] float32 buffers: the logits, the
+    # sampling race's uniforms and ratios, the log-softmax (6 in XLA's CPU accounting, at
+    # temperature 1 without top-k / top-p, whose sorts add more).
     scores = 2 * shard_bytes((prompts, cfg.num_kv_heads, cfg.group_size, prompt, prompt),
                              ("batch", "kv_heads", None, None, None), 4, mesh)
-    logits = 2 * shard_bytes((rows, cfg.vocab_size), ("batch", "vocab"), 4, mesh)
+    logits = 6 * shard_bytes((rows, cfg.vocab_size), ("batch", "vocab"), 4, mesh)
     cache = _kv_cache_bytes(prompts, prompt, cfg, mesh) + _kv_cache_bytes(rows, response, cfg, mesh)
     return [
         Row("KV cache", "sampling", cache,
             f"{role}: {prompts} prompts x {prompt} slots + {rows} rows x {response} slots, "
             f"x {cfg.num_layers} layers x k,v ({cfg.compute_dtype})"),
-        Row("sampling transients", "sampling", scores + logits, "prefill scores, logits"),
+        Row("sampling transients", "sampling", max(scores, logits),
+            "prefill scores or decode logits x6, the larger"),
     ]
 
 
@@ -335,48 +327,6 @@ def check_fits(config, model_cfg: ModelConfig, mesh_shape: Mapping[str, int], de
     if plan.total > usable_bytes(device_bytes):
         raise MemoryPlanError("\n".join([format_plan(plan), fit_line(plan, device_bytes),
                                          advice(plan, config)]))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Devices
-
-
-def host_ram_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def parse_accelerator(name: str) -> tuple[str, int | None]:
-    """`v5e`, `h100`, `cpu` -> (family, None); a TPU type `v4-8`, `v5litepod-8`, `v5p-32` -> (family, chips)."""
-    key = name.strip().lower()
-    if key in HBM_BYTES or key == "cpu":
-        return key, None
-    prefix, _, count = key.rpartition("-")
-    if prefix in _TPU_TYPES and count.isdigit():
-        family, cores_per_chip = _TPU_TYPES[prefix]
-        return family, max(1, int(count) // cores_per_chip)
-    raise ValueError(f"unknown accelerator {name!r}: use one of {', '.join([*HBM_BYTES, 'cpu'])} "
-                     "or a TPU type such as v4-8, v5litepod-8, v5p-32, v6e-8")
-
-
-def accelerator_bytes(family: str, num_devices: int) -> int:
-    """Memory per device of `family`; on "cpu" the host RAM is shared by the mesh's devices."""
-    return host_ram_bytes() // num_devices if family == "cpu" else HBM_BYTES[family]
-
-
-def local_device_bytes(device: jax.Device | None = None) -> int:
-    """Memory of one device of this process: the runtime's limit where it reports one, else the table."""
-    device = device or jax.local_devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    if device.platform == "cpu":
-        return host_ram_bytes() // jax.local_device_count()
-    kind = device.device_kind.lower()  # e.g. "TPU v5 lite", "TPU v4", "NVIDIA H100 80GB HBM3"
-    for family, pattern in (("v5e", "v5 lite"), ("v6e", "v6"), ("v5p", "v5"), ("v4", "v4"),
-                            ("h100", "h100"), ("h200", "h200")):
-        if pattern in kind:
-            return HBM_BYTES[family]
-    raise ValueError(f"unknown device kind {device.device_kind!r}: pass the memory per device yourself")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,11 @@
-"""The memory plan agrees with the bytes really allocated, divides by the mesh right, and explains misfits."""
+"""The memory plan agrees with the bytes really allocated, divides by the mesh right, and explains misfits.
+
+Resident rows are checked against arrays allocated on the 8-device mesh; the sampling and training
+phases against XLA's own accounting (`memory_analysis()`) of the compiled sampler and update, the
+programs a run really executes, on one CPU device.
+"""
 import dataclasses
+import functools
 import math
 import os
 import subprocess
@@ -14,10 +20,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from sqlm_jax import mesh as mesh_lib
-from sqlm_jax import plan
+from sqlm_jax import plan, sampling
 from sqlm_jax.defaults import base_config
 from sqlm_jax.models.config import ModelConfig
 from sqlm_jax.models.transformer import Transformer
+from sqlm_jax.train_step import LossConfig, RoleBatch, TrainState, make_optimizer, policy_loss_fn, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH = {"data": 1, "fsdp": 4, "tensor": 2}
@@ -42,7 +49,7 @@ def _bytes_on_device0(tree) -> int:
 
 @pytest.fixture(scope="module")
 def allocated():
-    """Real parameters, AdamW state and a planned-shape KV cache on the 8-device CPU mesh."""
+    """Real parameters and AdamW state on the 8-device CPU mesh."""
     assert jax.device_count() == 8, "conftest asks for 8 fake CPU devices"
     mesh = mesh_lib.make_mesh(MESH)
     # Zeros allocated straight into the model's shardings (random init would only cost compile time).
@@ -56,28 +63,120 @@ def allocated():
                                       jax.tree.map(lambda x: x.sharding, params),
                                       transform_non_params=lambda _: NamedSharding(mesh, mesh_lib.P()))
     opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
-    def zeros(shape):
-        sharding = NamedSharding(mesh, mesh_lib.logical_spec(("batch", "kv_heads", None, None), shape, mesh))
-        return jax.jit(lambda: jnp.zeros(shape, TINY.compute_dtype), out_shardings=sharding)()
-    cache = [(zeros(shape), zeros(shape)) for shape in plan.kv_cache_shapes(_tiny_config(), TINY)
-             for _ in range(TINY.num_layers)]
-    return {"parameters": params, "optimizer state": opt_state, "KV cache": cache}
+    return {"parameters": params, "optimizer state": opt_state}
 
 
-@pytest.mark.parametrize("row", ["parameters", "optimizer state", "KV cache"])
+@pytest.mark.parametrize("row", ["parameters", "optimizer state"])
 def test_plan_matches_allocated_bytes(allocated, row):
     planned = plan.memory_plan(_tiny_config(), TINY, MESH).row(row).bytes
     actual = _bytes_on_device0(allocated[row])
     assert abs(planned - actual) <= 0.1 * actual, f"{row}: planned {planned} B, allocated {actual} B"
 
 
+def _within(planned: int, xla: int, what: str, tolerance: float = 0.1) -> None:
+    assert abs(planned - xla) <= tolerance * xla, f"{what}: planned {planned} B, XLA {xla} B"
+
+
+@pytest.mark.parametrize("role, rollout", [
+    # B·n = 16 questions, n = 4 answers of 96 tokens each: the solver's call is the larger.
+    ("solver", dict(batch_size=4, n=4, max_prompt_len=16, proposer_max_new_tokens=16,
+                    solver_max_new_tokens=96)),
+    # One topic prompt of 64 slots, B·n = 32 proposals of 96 tokens: the proposer's (a plan that
+    # counted B prompts would add 7 prompts' cache and prefill scores).
+    ("proposer", dict(batch_size=8, n=4, max_prompt_len=64, proposer_max_new_tokens=96,
+                      solver_max_new_tokens=4)),
+])
+def test_sampling_phase_matches_the_compiled_sampler(monkeypatch, role, rollout):
+    """The KV cache and its transients are nearly all of the sampler's temporary memory in XLA's
+    accounting, with the cache the larger part (a wrong count of prompts, rows, slots or layers
+    misses by far more than 10%). The sampler is called as the trainer calls it, for the shapes the
+    plan's sampling_calls name; its one compiled call is intercepted to read XLA's figures."""
+    c = _tiny_config()
+    c.rollout.update(rollout)
+    assert plan.largest_sampling_call(c) == role
+    prompts, rows, prompt_len, response_len = plan.sampling_calls(c)[role]
+    analyses = []
+    compiled_sample = sampling._sample
+
+    def measured(*args, **kwargs):
+        analyses.append(compiled_sample.lower(*args, **kwargs).compile().memory_analysis())
+        return compiled_sample(*args, **kwargs)  # jit reuses the compilation: no second compile
+
+    monkeypatch.setattr(sampling, "_sample", measured)
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    sampling.generate(model, [[1] * c.rollout.max_prompt_len] * prompts, n=rows // prompts,
+                      max_new_tokens=response_len)
+    assert len(analyses) == 1
+    expected = plan.memory_plan(c, TINY, {})
+    assert expected.row("KV cache").bytes > 0.6 * expected.phase_bytes("sampling")
+    _within(expected.phase_bytes("sampling"), analyses[0].temp_size_in_bytes, f"{role} sampling")
+
+
+def _compiled_update(c, model_cfg: ModelConfig, prompt_group: int):
+    """XLA's memory analysis of the update the trainer compiles (train.py `_compiled_learner`) for
+    one mini-batch of 2 micro-batches of the plan's sizes, lowered on abstract shapes (nothing is
+    allocated or run)."""
+    mb, m = c.rl.micro_batch_size, 2
+    prompt_len = sampling.bucket_length(c.rollout.max_prompt_len)
+    response_len = max(c.rollout.proposer_max_new_tokens, c.rollout.solver_max_new_tokens)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    tx = make_optimizer(c.optim, 10)
+    state = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                           params)
+
+    def field(name):  # by name, so a reordered or extended RoleBatch still lowers
+        dtype = jnp.int32 if name.endswith("_ids") else bool if name.endswith("_mask") else jnp.float32
+        return jax.ShapeDtypeStruct((m, mb, prompt_len if name.startswith("prompt") else response_len), dtype)
+
+    batch = RoleBatch(**{f.name: field(f.name) for f in dataclasses.fields(RoleBatch) if f.name != "prompt_group"},
+                      prompt_group=prompt_group)
+    update = jax.jit(functools.partial(train_step, loss_fn=policy_loss_fn(graphdef, LossConfig.from_config(c.rl)),
+                                       tx=tx), donate_argnums=0)
+    return update.lower(state, batch).compile().memory_analysis()
+
+
+def _long_sequences_config():
+    c = _tiny_config()  # 128 prompt + 128 response tokens: activations are ~85% of the update's memory
+    c.rollout.max_prompt_len, c.rollout.proposer_max_new_tokens, c.rollout.solver_max_new_tokens = 128, 128, 64
+    return c
+
+
+@pytest.mark.parametrize("model_cfg, row, share", [
+    (TINY, "activations", 0.7),
+    (dataclasses.replace(TINY, vocab_size=4096), "logits", 0.4),  # the loss's [mb, R, V] buffers
+])
+def test_training_phase_matches_the_compiled_update(model_cfg, row, share):
+    """Gradients, activations and logits against XLA's temporary memory of the update, in one case
+    mostly activations, in the other much logits; parameters and optimizer state against its
+    arguments (the donated train state)."""
+    c = _long_sequences_config()
+    expected = plan.memory_plan(c, model_cfg, {})
+    assert expected.row(row).bytes > share * expected.phase_bytes("training")
+    analysis = _compiled_update(c, model_cfg, prompt_group=1)
+    _within(expected.phase_bytes("training"), analysis.temp_size_in_bytes, "training")
+    resident = expected.row("parameters").bytes + expected.row("optimizer state").bytes
+    _within(resident, analysis.argument_size_in_bytes, "train state")
+
+
+def test_training_phase_bounds_the_shared_prompt_update():
+    """With rl.shared_prompt_pass (groups of rows sharing one prompt pass, as the trainer runs the
+    solver's n answers) the plan does not model the saving: it must stay an upper bound."""
+    c = _long_sequences_config()
+    group = math.gcd(c.rollout.n, c.rl.micro_batch_size)  # train.py's prompt_group_size on 1 device
+    assert group > 1
+    analysis = _compiled_update(c, TINY, prompt_group=group)
+    assert plan.memory_plan(c, TINY, {}).phase_bytes("training") >= analysis.temp_size_in_bytes
+
+
 def test_kv_cache_is_the_larger_sampler_call():
     c = _tiny_config()  # B = n = 2, prompts bucketed to 16 slots
     c.rollout.proposer_max_new_tokens, c.rollout.solver_max_new_tokens = 24, 16
-    # Solver: 4 prompts x 16 + B·n·n = 8 rows x 16 = 192 slots; proposer: 2 x 16 + 4 x 24 = 128.
-    assert plan.kv_cache_shapes(c, TINY) == [(4, 2, 16, 16), (8, 2, 16, 16)]
-    c.rollout.proposer_max_new_tokens = 48  # proposer: 2 x 16 + 4 x 48 = 224
-    assert plan.kv_cache_shapes(c, TINY) == [(2, 2, 16, 16), (4, 2, 48, 16)]
+    # Solver: 4 prompts x 16 + B·n·n = 8 rows x 16 = 192 slots; proposer: 1 x 16 + 4 x 24 = 112.
+    assert plan.largest_sampling_call(c) == "solver"
+    assert plan.sampling_calls(c)["solver"] == (4, 8, 16, 16)
+    c.rollout.proposer_max_new_tokens = 48  # proposer: 1 x 16 + 4 x 48 = 208
+    assert plan.largest_sampling_call(c) == "proposer"
+    assert plan.sampling_calls(c)["proposer"] == (1, 4, 16, 48)
 
 
 def test_fsdp_quarters_the_embed_sharded_weights():
@@ -106,8 +205,9 @@ def test_check_fits_raises_with_the_table_and_the_fix():
 def test_remat_shrinks_activations():
     c = _tiny_config()
     c.rollout.max_prompt_len = 512  # long enough that all the layers' intermediates dominate
-    with_remat = plan.memory_plan(c, dataclasses.replace(TINY, remat=True), MESH)
-    without = plan.memory_plan(c, TINY, MESH)
+    deep = dataclasses.replace(TINY, num_layers=4)  # remat keeps 2 layers' worth: a saving past 2
+    with_remat = plan.memory_plan(c, dataclasses.replace(deep, remat=True), MESH)
+    without = plan.memory_plan(c, deep, MESH)
     assert with_remat.row("activations").bytes < without.row("activations").bytes
 
 

@@ -1,4 +1,5 @@
-"""sqlm_jax.sandbox: honest programs score exactly; hostile ones score 0 and leave the host unharmed.
+"""sqlm_jax.sandbox: hostile programs score 0 (or, probing for secrets, find none) and leave the host
+unharmed (honest programs: test_sandbox_scoring.py).
 
 Every hostile program goes through the public API while the test watches the host: afterwards no
 process carrying the test's unique marker survives, no file named after it exists outside the
@@ -8,7 +9,10 @@ so the process scan finds exactly this test's leftovers even while other sandbox
 """
 import os
 import select
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -18,146 +22,11 @@ from pathlib import Path
 import pytest
 
 from sqlm_jax import sandbox
-from sqlm_jax.sandbox import (SandboxConfig, SandboxResult, SandboxUnavailableError, run_many, run_program,
-                              status_counts)
+from sqlm_jax.sandbox import SandboxConfig, SandboxUnavailableError, run_many, run_program
+from tests.sandbox_marks import ADD, needs_bwrap, needs_root
 
-needs_bwrap = pytest.mark.skipif(
-    sandbox._isolation_problem() is not None,
-    reason=f"bubblewrap cannot isolate here ({sandbox._isolation_problem()}); apt-get install bubblewrap",
-)
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="per-test uids (and their process limit) need root")
-
-ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
 HOSTILE_TIMEOUT_S = 1.0
 REPO = Path(__file__).resolve().parents[1]
-
-
-def score(code, tests, **kwargs):
-    return run_program(textwrap.dedent(code), tests, **kwargs)
-
-
-# --------------------------------------------------------------------------------------------------
-# Honest programs: the reference's comparison rule, exactly.
-
-
-@needs_bwrap
-@pytest.mark.parametrize(
-    "code, tests, expected_statuses",
-    [
-        (ADD, [("1 2", "3"), ("10 -4\n", "6\n"), ("0 0", "0")], ["passed"] * 3),
-        # Trailing newlines are stripped on both sides, and nothing else is.
-        ("print('1 2')\nprint()\n", [("", "1 2")], ["passed"]),
-        ("print('1 2', end='')", [("", "1 2\n\n\n")], ["passed"]),
-        ("print('1 2 ')", [("", "1 2")], ["wrong_answer"]),
-        ("print(' 1 2')", [("", "1 2")], ["wrong_answer"]),
-        ("print('1  2')", [("", "1 2")], ["wrong_answer"]),
-        ("print('1 2')", [("", "1 2 ")], ["wrong_answer"]),
-        ("print('')", [("", "")], ["passed"]),
-        # Subtly wrong: max that starts from 0 fails exactly the all-negative tests.
-        (
-            "xs = map(int, input().split())\nm = 0\nfor x in xs:\n    m = max(m, x)\nprint(m)\n",
-            [("1 5 3", "5"), ("-1 -5", "-1"), ("0", "0"), ("-7", "-7"), ("2 2", "2")],
-            ["passed", "wrong_answer", "passed", "wrong_answer", "passed"],
-        ),
-        # A correct output followed by an error exit is not a pass; sys.exit(0) is.
-        ("print(3)\nraise ValueError", [("", "3")], ["crash"]),
-        ("import sys\nprint(3)\nsys.exit(0)", [("", "3")], ["passed"]),
-        ("import sys\nprint(3)\nsys.exit(2)", [("", "3")], ["crash"]),
-        ("input()", [("", "")], ["crash"]),  # EOFError on empty stdin
-        ("print(1", [("", "1"), ("", "1")], ["compile_error"] * 2),
-    ],
-)
-def test_honest_programs_score_exactly(code, tests, expected_statuses):
-    result = run_program(code, tests)
-    assert list(result.statuses) == expected_statuses
-    assert result.passed == tuple(status == "passed" for status in expected_statuses)
-    assert result.fraction == expected_statuses.count("passed") / len(expected_statuses)
-
-
-@needs_bwrap
-def test_only_the_first_ten_tests_count():
-    tests = [(f"{i} 1", str(i + 1)) for i in range(10)] + [("1 1", "3"), ("2 2", "5")]
-    result = run_program(ADD, tests)
-    assert len(result.statuses) == 10 and result.fraction == 1.0
-    wrong_first = run_program(ADD, [("1 1", "3")] + tests[1:])
-    assert wrong_first.fraction == 0.9
-    assert run_program(ADD, tests, config=SandboxConfig(max_tests=12)).fraction == 10 / 12
-
-
-@needs_bwrap
-def test_compile_error_and_no_tests():
-    result = run_program("def f(:\n    pass", [("", "")] * 3)
-    assert result.statuses == ("compile_error",) * 3 and result.fraction == 0.0
-    assert "SyntaxError" in result.detail
-    assert run_program(ADD, []) == SandboxResult((), (), 0.0)
-    with pytest.raises(ValueError, match="timeout_s"):
-        run_program(ADD, [("1 2", "3")], timeout_s=0)
-
-
-@needs_bwrap
-@pytest.mark.parametrize(
-    "code, stdin, expected",
-    [
-        # The stack-size idiom of competitive programmers: the answer comes from a non-daemon thread.
-        ("""
-         import sys, threading
-         sys.setrecursionlimit(10**6)
-         threading.stack_size(1 << 26)
-         def depth(n):
-             return 0 if n == 0 else 1 + depth(n - 1)
-         threading.Thread(target=lambda: print(depth(int(input())))).start()
-         """, "20000", "20000"),
-        # The fast-I/O template: print into a buffer, written out by an atexit handler.
-        ("""
-         import atexit, io, sys
-         sys.stdout = io.StringIO()
-         atexit.register(lambda: sys.__stdout__.write(sys.stdout.getvalue()))
-         print(sum(map(int, sys.stdin.read().split())))
-         """, "1 2 3\n4", "10"),
-        ("import numpy as np\nprint(int(np.array(input().split(), dtype=int).sum()))", "1 2 3", "6"),
-        ("print(input()[::-1])", "héllo ✓", "✓ olléh"),
-        ("print(__name__, __file__)\nimport sys\nprint(sys.argv)", "", "__main__ main.py\n['main.py']"),
-        # Large input and output: 200k numbers each way.
-        ("import sys\nprint(' '.join(str(2 * int(x)) for x in sys.stdin.read().split()))",
-         " ".join(map(str, range(200_000))), " ".join(str(2 * i) for i in range(200_000))),
-    ],
-)
-def test_programs_behave_as_under_plain_python(code, stdin, expected):
-    result = score(code, [(stdin, expected)])
-    assert result.statuses == ("passed",)
-
-
-@needs_bwrap
-def test_run_many_keeps_order_and_counts_statuses():
-    jobs = [(ADD, [(f"{i} {i}", str(2 * i)), ("1 1", "3")]) for i in range(6)] + [("print(1", [("", "1")])]
-    results = run_many(jobs, workers=2)
-    assert [r.statuses for r in results[:6]] == [("passed", "wrong_answer")] * 6
-    assert results[6].statuses == ("compile_error",)
-    counts = status_counts(results)
-    assert counts["passed"] == 6 and counts["wrong_answer"] == 6 and counts["compile_error"] == 1
-    assert set(counts) == set(sandbox.STATUSES) and sum(counts.values()) == 13
-
-
-@needs_bwrap
-@needs_root
-def test_limits_are_the_configured_ones():
-    threads = """
-        import threading, time
-        started = 0
-        try:
-            for _ in range(10):
-                threading.Thread(target=time.sleep, args=(0.5,), daemon=True).start()
-                started += 1
-        except RuntimeError:
-            pass
-        print(started)
-        """
-    assert score(threads, [("", "3")]).statuses == ("passed",)  # nproc 4: itself and 3 threads
-    assert score(threads, [("", "7")], config=SandboxConfig(nproc=8)).statuses == ("passed",)
-    allocate = "x = bytearray(300 << 20)\nprint(len(x) >> 20)"
-    assert score(allocate, [("", "300")]).statuses == ("passed",)
-    small = SandboxConfig(memory_bytes=256 << 20)
-    assert score(allocate, [("", "300")], config=small).statuses == ("memory",)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,8 +57,10 @@ def assert_host_unharmed(marker, config=None):
     assert run_program(ADD, [("2 3", "5")], config=config).statuses == ("passed",)
 
 
-def run_hostile(marker, body, tests=None, *, respawn=False, config=None):
-    """Run `body` (which sees os, sys and MARKER) through the public API; assert it scored 0.
+def run_hostile(marker, body, tests=None, *, respawn=False, config=None, passes=False):
+    """Run `body` (which sees os, sys and MARKER) through the public API; assert it scored 0, or
+    with `passes` all tests (for probes that print what they got through to: an honest, contained
+    probe prints the secret-free answer the test expects, and any leak then scores a failure).
 
     With `respawn` (for programs that start processes), it first re-executes with the marker in its
     command line, which every process it then starts inherits; the host is then watched during the
@@ -214,7 +85,7 @@ def run_hostile(marker, body, tests=None, *, respawn=False, config=None):
         done.set()
         watcher.join()
     assert time.monotonic() - started < 5 + len(result.statuses) * (HOSTILE_TIMEOUT_S + 1)
-    assert result.fraction == 0.0
+    assert result.fraction == (1.0 if passes else 0.0), result
     assert most_processes <= (config or SandboxConfig()).nproc
     return result
 
@@ -311,10 +182,9 @@ def test_writing_and_reading_outside_its_directory_fails(marker, tmp_path):
             escaped.append(open({str(secret_file)!r}).read())
         except OSError:
             pass
-        print(escaped or MARKER)
+        print(escaped)
         """
-    result = run_hostile(marker, body, tests=[("", "[]")])
-    assert result.statuses == ("wrong_answer",)
+    run_hostile(marker, body, tests=[("", "[]")], passes=True)  # nothing escaped, nothing read
     assert sorted(p.name for p in tmp_path.iterdir()) == [secret_file.name]
     assert_host_unharmed(marker)
 
@@ -327,33 +197,40 @@ def test_network_is_unreachable(marker):
         port = server.getsockname()[1]
         body = f"""
             import socket
+            reached = []
             for host in ("127.0.0.1", "8.8.8.8"):
                 try:
                     socket.create_connection((host, {port}), timeout=0.5).sendall(MARKER.encode())
-                    print(MARKER)
+                    reached.append(host)
                 except OSError:
                     pass
+            print(reached)
             """
-        assert run_hostile(marker, body).statuses == ("wrong_answer",)
+        run_hostile(marker, body, tests=[("", "[]")], passes=True)
         assert select.select([server], [], [], 0.2)[0] == []  # never a connection to accept
     assert_host_unharmed(marker)
+
+
+# Prints where it saw the trainer's secret (the marker, planted in the trainer's environment): its
+# own environment or any process's it can read. Contained, it prints "[]". Only os and sys: the
+# fallback's uids may not be able to import anything else (see the fallback test).
+ENV_PROBE = """
+    seen = [k for k, v in os.environ.items() if k == "SQLM_TEST_SECRET" or MARKER in v]
+    for pid in os.listdir("/proc"):
+        path = f"/proc/{pid}/environ"
+        try:
+            if MARKER.encode() in open(path, "rb").read():
+                seen.append(path)
+        except OSError:
+            pass
+    print(seen)
+    """
 
 
 @needs_bwrap
 def test_environment_secret_is_not_visible(marker, monkeypatch):
     monkeypatch.setenv("SQLM_TEST_SECRET", marker)
-    body = """
-        import glob
-        seen = [k for k, v in os.environ.items() if k == "SQLM_TEST_SECRET" or MARKER in v]
-        for path in glob.glob("/proc/*/environ"):
-            try:
-                if MARKER.encode() in open(path, "rb").read():
-                    seen.append(path)
-            except OSError:
-                pass
-        print(seen or "unseen")
-        """
-    assert run_hostile(marker, body, tests=[("", "[]")]).statuses == ("wrong_answer",)  # prints "unseen"
+    run_hostile(marker, ENV_PROBE, tests=[("", "[]")], passes=True)  # a leak prints where it was seen
     assert_host_unharmed(marker)
 
 
@@ -373,6 +250,32 @@ def test_killing_its_parent_or_group_kills_only_itself(marker):
     # Both tests ran, so the runner survived the first one's attempts.
     assert run_hostile(marker, body, tests=[("", marker)] * 2).statuses == ("killed", "killed")
     assert_host_unharmed(marker)
+
+
+@needs_bwrap
+def test_sandbox_dies_with_the_trainer(marker):
+    """A trainer killed mid-run (SIGKILL: no cleanup of its own) takes its running sandbox along."""
+    # The marker in two halves: the trainer's own command line must not carry it whole.
+    sleeper = ("import os, sys\n"
+               f"os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', "
+               f"{marker[:10]!r} + {marker[10:]!r}])")
+    trainer = subprocess.Popen([sys.executable, "-c", "from sqlm_jax.sandbox import run_program\n"
+                                f"run_program({sleeper!r}, [('', '')], timeout_s=60)"], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30.0
+        while not _marked_processes(marker):  # until the program sleeps inside the sandbox
+            assert trainer.poll() is None and time.monotonic() < deadline, "the sleeper never started"
+            time.sleep(0.05)
+        trainer.kill()
+        trainer.wait()
+        deadline = time.monotonic() + 5.0  # bubblewrap's pid 1 dies, and the kernel kills the rest
+        while _marked_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _marked_processes(marker) == []  # not left to sleep out its 60 s
+    finally:
+        trainer.kill()
+        for pid, _ in _marked_processes(marker):  # a failed run's leftovers, found by our marker
+            os.kill(int(pid), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,8 +307,8 @@ def test_unisolated_fallback_still_limits_and_cleans_up(no_bwrap, marker, monkey
         assert result.statuses == ("passed", "wrong_answer")
     monkeypatch.setenv("SQLM_TEST_SECRET", marker)
     with pytest.warns(RuntimeWarning):
-        result = run_hostile(marker, "print(os.environ.get('SQLM_TEST_SECRET'))", config=config)
-        assert result.statuses == ("wrong_answer",)
+        # The secret-free answer passes; a leaked environment would print the marker instead.
+        run_hostile(marker, ENV_PROBE, tests=[("", "[]")], config=config, passes=True)
         result = run_hostile(marker, "while True:\n    pass", config=config)
         assert result.statuses == ("timeout",)
         # The fallback's uids may not reach this interpreter (under /root here), but /bin/sh they may.

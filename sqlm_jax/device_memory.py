@@ -1,0 +1,53 @@
+"""Memory per device of the accelerators the plan knows (sqlm_jax.plan): by name, and of this process's devices."""
+from __future__ import annotations
+
+import os
+
+import jax
+
+GiB = 2 ** 30
+# Memory per chip (per GPU). "cpu" is the host's RAM, shared by all of the host's devices.
+HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB,
+             "h100": 80 * GiB, "h200": 141 * GiB}
+# TPU accelerator-type prefix -> (family, TensorCores per chip): v4 and v5p type names count
+# TensorCores (v4-8 is 4 chips), v5e and v6e count chips (v5litepod-8 is 8 chips).
+_TPU_TYPES = {"v4": ("v4", 2), "v5litepod": ("v5e", 1), "v5e": ("v5e", 1), "v5p": ("v5p", 2),
+              "v6e": ("v6e", 1)}
+
+
+def host_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_accelerator(name: str) -> tuple[str, int | None]:
+    """`v5e`, `h100`, `cpu` -> (family, None); a TPU type `v4-8`, `v5litepod-8`, `v5p-32` -> (family, chips)."""
+    key = name.strip().lower()
+    if key in HBM_BYTES or key == "cpu":
+        return key, None
+    prefix, _, count = key.rpartition("-")
+    if prefix in _TPU_TYPES and count.isdigit():
+        family, cores_per_chip = _TPU_TYPES[prefix]
+        return family, max(1, int(count) // cores_per_chip)
+    raise ValueError(f"unknown accelerator {name!r}: use one of {', '.join([*HBM_BYTES, 'cpu'])} "
+                     "or a TPU type such as v4-8, v5litepod-8, v5p-32, v6e-8")
+
+
+def accelerator_bytes(family: str, num_devices: int) -> int:
+    """Memory per device of `family`; on "cpu" the host RAM is shared by the mesh's devices."""
+    return host_ram_bytes() // num_devices if family == "cpu" else HBM_BYTES[family]
+
+
+def local_device_bytes(device: jax.Device | None = None) -> int:
+    """Memory of one device of this process: the runtime's limit where it reports one, else the table."""
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        return host_ram_bytes() // jax.local_device_count()
+    kind = device.device_kind.lower()  # e.g. "TPU v5 lite", "TPU v4", "NVIDIA H100 80GB HBM3"
+    for family, pattern in (("v5e", "v5 lite"), ("v6e", "v6"), ("v5p", "v5"), ("v4", "v4"),
+                            ("h100", "h100"), ("h200", "h200")):
+        if pattern in kind:
+            return HBM_BYTES[family]
+    raise ValueError(f"unknown device kind {device.device_kind!r}: pass the memory per device yourself")
