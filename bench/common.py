@@ -54,12 +54,9 @@ def data_mesh() -> jax.sharding.Mesh:
 
 def micro_batches(batch, micro_batch: int, mesh: jax.sharding.Mesh):
     """`[N, ...]` arrays -> `[M, micro_batch, ...]` on `mesh`, each micro-batch's rows split over the
-    batch axes (what Trainer._micro_batches does)."""
-    def split(x):
-        x = np.asarray(x).reshape((-1, micro_batch) + np.shape(x)[1:])
-        spec = jax.sharding.PartitionSpec(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))
-        return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
-    return jax.tree.map(split, batch)
+    batch axes (the layout the Learner's compiled calls cut inside)."""
+    split = jax.tree.map(lambda x: np.asarray(x).reshape((-1, micro_batch) + np.shape(x)[1:]), batch)
+    return mesh_lib.shard_rows(split, mesh, row_axis=1)
 
 
 def cpu_seconds() -> float:

@@ -26,8 +26,9 @@ makes one device per core (data parallelism across cores). The peak is one jnp.d
 Part 2, one full self-play step: Trainer.self_play_step on the arithmetic task with the tiny corpus's
 short prompts and the same model shape (random weights, the character tokenizer), B=--batch-size rows
 × n=--n proposals, n answers each, --new-tokens new tokens for both roles, both roles updated every
-step. It reports Trainer's own split (time/sampling, time/host_and_logprobs, time/update), medians over
-the steps after the first --compile-steps, whose time (mostly compilation) is reported separately.
+step. It reports Trainer's own split (time/propose, time/solve, time/score, time/logprobs, time/update),
+medians over the steps after the first --compile-steps, whose time (mostly compilation) is reported
+separately.
 
     python bench/train_step.py
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/train_step.py
@@ -85,7 +86,7 @@ def train_flops(cfg: ModelConfig, sequences: int, prompt_len: int, response_len:
                 prompt_group: int = 1) -> float:
     """FLOPs of one update (forward + backward) on `sequences` sequences; see the module docstring.
 
-    With `prompt_group` g > 1 the prompt runs once per g sequences (train_step.response_hidden): its
+    With `prompt_group` g > 1 the prompt runs once per g sequences (transformer.response_hidden): its
     tokens and its queries' attention count once per group. Attention is dense over all prompt + response
     positions in both cases (the cache path has P + R slots), as computed."""
     d, dh, seq = cfg.hidden_size, cfg.head_dim, prompt_len + response_len
@@ -198,7 +199,7 @@ def bench_self_play(args) -> None:
     total = median([m["time/total"] for m in warm])
     rows = [[k.split("/")[1], f"{median([m[k] for m in warm]):.2f} s",
              f"{median([m[k] / m['time/total'] for m in warm]):.0%}"]
-            for k in ["time/sampling", "time/host_and_logprobs", "time/update"]]
+            for k in ["time/propose", "time/solve", "time/score", "time/logprobs", "time/update"]]
     rows.append(["**total**", f"**{total:.2f} s**", f"CPU time {median([m['cpu/total'] for m in warm]):.2f} s"])
     rows.append([f"first {args.compile_steps} step(s), with compilation",
                  f"{sum(m['time/total'] for m in steps[:args.compile_steps]):.1f} s", ""])

@@ -6,13 +6,13 @@ min_new_tokens), log-probs of the completions under a frozen reference (KL coeff
 GRPO advantages from a dummy reward (seeded random numbers), and one AdamW update (clip 1.0, constant
 learning rate) over all the completions, the loss a token mean over the whole batch on both sides.
 
-  ours: sampling.generate(n) -> reference log-probs (jitted train_step.batch_logprobs) -> rl.grpo_advantages
-        -> one jitted train_step, the state donated, micro-batches of --micro-batch, as Trainer does
-        with its defaults: the old log-probs are the sampler's own (rl.reuse_sampler_logprobs; exact at
-        temperature 1, no top-k/p), all-padding prompt columns trimmed (train.trim_prompt_padding; none
-        here), and the n samples of a prompt share one pass over it (RoleBatch.prompt_group = n,
-        rl.shared_prompt_pass) in the reference pass and the update. --recompute-old-logprobs and
-        --no-shared-prompt-pass switch those off. Rows are split over every local device
+  ours: sampling.sample(n) -> Learner.batch (reference log-probs and GRPO advantages in one jitted
+        call, the batch left on the device) -> Learner.update (one jitted update, the state donated,
+        micro-batches of --micro-batch), as Trainer runs them with its defaults: the old log-probs are
+        the sampler's own (rl.reuse_sampler_logprobs; exact at temperature 1, no top-k/p), all-padding
+        prompt columns trimmed (learner.trim_prompt_padding; none here), and the n samples of a prompt
+        share one pass over it (RoleBatch.prompt_group = n, rl.shared_prompt_pass) in the reference
+        pass and the update. --recompute-old-logprobs and --no-shared-prompt-pass switch those off. Rows are split over every local device
         (common.data_mesh): by default the CPU is one device; with
         XLA_FLAGS=--xla_force_host_platform_device_count=2 it is one device per core.
   TRL:  GRPOTrainer, per_device_train_batch_size=--trl-batch with gradient accumulation up to all the
@@ -34,7 +34,6 @@ each TRL optimizer step, so both see the same machine load. The first --warmup i
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import tempfile
@@ -49,15 +48,12 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (add_model_args, cpu_seconds, data_mesh, machine_line, markdown_table, median,  # noqa: E402
-                    micro_batches, model_config)
+                    model_config)
 
-from sqlm_jax import rl  # noqa: E402
 from sqlm_jax.defaults import base_config  # noqa: E402
+from sqlm_jax.learner import Learner, fetch  # noqa: E402
 from sqlm_jax.models import load_pretrained  # noqa: E402
-from sqlm_jax.sampling import generate  # noqa: E402
-from sqlm_jax.learner import prompt_group_size, trim_prompt_padding  # noqa: E402
-from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, batch_logprobs,  # noqa: E402
-                                 make_optimizer, policy_loss_fn, train_step)
+from sqlm_jax.sampling import SamplingParams, sample  # noqa: E402
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
@@ -114,55 +110,38 @@ def check_same_weights(folder: Path, ours_model, ids: list[int]) -> float:
 
 
 class OurGRPO:
-    """This project's GRPO iteration, built from the library's pieces as Trainer uses them."""
+    """This project's GRPO iteration: the sampler and the Learner, as Trainer runs them."""
 
     def __init__(self, args, folder: Path):
         self.args = args
         self.mesh = data_mesh()
         model, _ = load_pretrained(folder, mesh=self.mesh)
-        self.graphdef, params = nnx.split(model)
-        self.ref_params = jax.tree.map(jnp.copy, params)  # the policy's buffers are donated
-        optim = base_config().optim
-        optim.lr = args.lr
-        tx = make_optimizer(optim, total_updates=args.warmup + args.iters)
-        loss_fn = policy_loss_fn(self.graphdef, LossConfig(kl_coef=args.kl_coef, kl_kind="k3"))
-        self.update = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx), donate_argnums=0)
-        self.logprobs = jax.jit(functools.partial(batch_logprobs, self.graphdef))
-        self.state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                                  opt_state=tx.init(p)))(params)
+        c = base_config()
+        c.optim.lr = args.lr
+        c.rl.kl_coef, c.rl.kl_kind = args.kl_coef, "k3"
+        c.rollout.batch_size = c.rl.mini_batch_size = args.prompts  # one update over all the completions
+        c.rollout.n, c.rl.micro_batch_size = args.n, args.micro_batch
+        c.rl.reuse_sampler_logprobs = not args.recompute_old_logprobs
+        c.rl.shared_prompt_pass = not args.no_shared_prompt_pass
+        c.train.steps = args.warmup + args.iters
+        self.learner = Learner(c, self.mesh, *nnx.split(model))
+        self.sampling = SamplingParams(max_new_tokens=args.new_tokens, n=args.n)  # temperature 1, no stop
         self.rng = np.random.default_rng(args.seed)
-        self.prompt_group = 1 if args.no_shared_prompt_pass else \
-            prompt_group_size(args.n, args.micro_batch // self.mesh.devices.size)  # as Trainer
+        self.prompt_group = self.learner.prompt_group(args.n)
 
     @property
     def model(self):
-        return nnx.merge(self.graphdef, self.state.params)
+        return nnx.merge(*self.learner.policy)
 
     def iteration(self, prompts: list[list[int]], seed: int) -> dict[str, float]:
         """One iteration on `prompts`; returns seconds per phase."""
-        a = self.args
         t0, cpu = time.perf_counter(), cpu_seconds()
-        out = generate(self.model, prompts, max_new_tokens=a.new_tokens, n=a.n, temperature=1.0, seed=seed,
-                       mesh=self.mesh)
-        zeros = np.zeros(out.tokens.shape, np.float32)
-        prompt_ids, prompt_mask = trim_prompt_padding(np.asarray(out.prompt_tokens), np.asarray(out.prompt_mask))
-        batch = RoleBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out.tokens,
-                          response_mask=out.mask, advantages=zeros, old_logp=out.logprobs, ref_logp=zeros,
-                          old_values=zeros, returns=zeros, prompt_group=self.prompt_group)
-        micro = micro_batches(batch, a.micro_batch, self.mesh)
-        jax.block_until_ready(micro)
+        out = sample(*self.learner.policy, prompts, params=self.sampling, seed=seed, mesh=self.mesh)
         t1 = time.perf_counter()
-        ref = self.logprobs(self.ref_params, micro)
-        old = self.logprobs(self.state.params, micro) if a.recompute_old_logprobs else micro.old_logp
-        rewards = self.rng.random((len(prompts), a.n), np.float32)  # the dummy reward
-        adv = rl.broadcast_sequence_advantage(rl.grpo_advantages(jnp.asarray(rewards)).reshape(-1),
-                                              jnp.asarray(out.mask))
-        micro = micro.replace(ref_logp=ref, old_logp=old,
-                              advantages=micro_batches(adv, a.micro_batch, self.mesh))
-        jax.block_until_ready(micro)
+        rewards = self.rng.random((len(prompts), self.args.n), np.float32)  # the dummy reward
+        batch = jax.block_until_ready(self.learner.batch(out, np.ones(len(out.token_lists), bool), rewards))
         t2 = time.perf_counter()
-        self.state, metrics = self.update(self.state, micro)
-        jax.block_until_ready(metrics)
+        fetch({"policy": self.learner.update(batch)})
         t3 = time.perf_counter()
         return {"generation": t1 - t0, "logprobs": t2 - t1, "update": t3 - t2, "total": t3 - t0,
                 "cpu": cpu_seconds() - cpu}

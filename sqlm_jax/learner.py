@@ -82,7 +82,7 @@ class Learner:
     `critic` is `(graphdef, params)` of a models.critic.Critic already on the mesh, or None (GRPO).
     """
 
-    def __init__(self, config, mesh, graphdef, params, critic=None):
+    def __init__(self, config, mesh, graphdef, params, *, critic=None):
         c = self.config = config
         self.mesh, self.graphdef = mesh, graphdef
         self.rows_per_device = c.rl.micro_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
@@ -115,8 +115,9 @@ class Learner:
         shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
         state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
                         out_shardings=shardings)(params)
-        update = jax.jit(functools.partial(self._update_fn, step=functools.partial(train_step, loss_fn=loss_fn, tx=tx)),
-                         donate_argnums=0, out_shardings=(shardings, None))
+        step = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
+        update = jax.jit(functools.partial(self._update_fn, step=step), donate_argnums=0,
+                         out_shardings=(shardings, None))
         return state, update
 
     # ------------------------------------------------------------------------------ what is trained
@@ -163,7 +164,8 @@ class Learner:
         group = self.prompt_group(sample.n)
         check_prompt_groups(prompt_ids, prompt_mask, group)
         prompt_ids, prompt_mask, row_mask = mesh_lib.shard_rows((prompt_ids, prompt_mask, row_mask), self.mesh)
-        return self._assemble(prompt_ids, prompt_mask, row_mask, sample.tokens, sample.mask, prompt_group=group)
+        return self._assemble(prompt_ids=prompt_ids, prompt_mask=prompt_mask, row_mask=row_mask,
+                              response_ids=sample.tokens, response_mask=sample.mask, prompt_group=group)
 
     def prepare(self, batch: RoleBatch, rewards, sampler_logprobs=None) -> RoleBatch:
         """Old and reference log-probs, critic values and advantages, before any update of the step.
@@ -174,10 +176,10 @@ class Learner:
         """
         critic_params = None if self.critic_state is None else self.critic_state.params
         rewards = mesh_lib.shard_rows(np.asarray(rewards, np.float32), self.mesh)
-        return self._prepare(self.state.params, self.ref_params, critic_params, batch, rewards,
-                             sampler_logprobs)
+        return self._prepare(params=self.state.params, ref_params=self.ref_params, critic_params=critic_params,
+                             batch=batch, rewards=rewards, sampler_logprobs=sampler_logprobs)
 
-    def _prepare_fn(self, params, ref_params, critic_params, batch: RoleBatch, rewards, sampler_logprobs):
+    def _prepare_fn(self, *, params, ref_params, critic_params, batch: RoleBatch, rewards, sampler_logprobs):
         micro, mask = self._micro_batches(batch, -1), batch.response_mask
         flat = lambda x: x.reshape(mask.shape)
         zeros = jnp.zeros(mask.shape, jnp.float32)
@@ -235,7 +237,7 @@ def fetch(metrics: dict[str, dict[str, jax.Array]]) -> dict[str, float]:
             float(v.sum() if k.endswith("skipped") else v.mean()) for (role, k), v in zip(names, values)}
 
 
-def _assemble(prompt_ids, prompt_mask, row_mask, response_ids, response_mask, *, prompt_group: int) -> RoleBatch:
+def _assemble(*, prompt_ids, prompt_mask, row_mask, response_ids, response_mask, prompt_group: int) -> RoleBatch:
     mask = response_mask & row_mask[:, None]
     zeros = jnp.zeros(mask.shape, jnp.float32)
     return RoleBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,

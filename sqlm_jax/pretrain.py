@@ -83,14 +83,14 @@ def next_token_loss(model: Transformer, tokens: jax.Array, loss_mask: jax.Array,
     kind of answer. The second, the batch's per-token mean, is for the log. Rows are right-padded, so
     causal attention alone keeps padding out of every real token's view.
     """
-    logits = model(tokens[:, :-1])  # [B, T-1, V]
+    logits = model(tokens[:, :-1])  # [N, T-1, V]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     total = jnp.sum(nll * loss_mask[:, 1:])
     return total / normalizer, total / jnp.maximum(jnp.sum(loss_mask[:, 1:]), 1)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, normalizer: float):
-    """One jitted step `(params, opt_state, tokens[B, T], loss_mask[B, T]) -> (params, opt_state, loss)`,
+    """One jitted step `(params, opt_state, tokens[N, T], loss_mask[N, T]) -> (params, opt_state, loss)`,
     the loss the batch's per-token mean."""
 
     def loss_of(params, tokens, loss_mask):

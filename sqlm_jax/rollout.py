@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,6 +22,9 @@ from sqlm_jax import rewards as rewards_lib
 from sqlm_jax.sampling import SampleOutput, SamplingParams, sample
 from sqlm_jax.tasks.base import Question, Task
 from sqlm_jax.tokenizer import Tokenizer
+
+
+_majority_info = jax.jit(rewards_lib.majority_info)
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -67,7 +71,8 @@ class Rollouts:
         self.proposer_params = knobs(r.batch_size * r.n, r.proposer_max_new_tokens)
         self.solver_params = knobs(r.n, r.solver_max_new_tokens)
         self.reward_kind = task.reward if c.reward.kind == "auto" else c.reward.kind
-        self.reward = rewards_lib.reward_fn(self.reward_kind, k_min=c.reward.k_min)
+        # Compiled once: eager jnp would send each of the rule's Python constants to the device per call.
+        self.reward = jax.jit(rewards_lib.reward_fn(self.reward_kind, k_min=c.reward.k_min))
         self.pool: list[dict] | None = None  # the ablation's fixed questions
         self.position = 0  # questions of the pool used so far
 
@@ -134,7 +139,7 @@ class Rollouts:
         n = self.config.rollout.n
         parsed = [self.task.parse_answer(a) for a in answers]
         ids = rewards_lib.answer_ids([parsed[i:i + n] for i in range(0, len(parsed), n)])
-        _, k = rewards_lib.majority_info(jnp.asarray(ids))
+        _, k = _majority_info(ids)
         k = np.asarray(k)[[q is not None for q in questions]]
         metrics = {f"agreement/k{j}": float(np.mean(k == j)) if len(k) else 0.0 for j in range(1, n + 1)}
         metrics["answers/parsed"] = float(np.mean([p is not None for p in parsed]))
@@ -147,9 +152,11 @@ class Rollouts:
         jobs = [(p or "", questions[i // n].tests if questions[i // n] is not None else ())
                 for i, p in enumerate(programs)]
 
+        isolation = sandbox.SandboxConfig(allow_unisolated_fallback=c.allow_unisolated_sandbox)
+
         def run(jobs):
             results = sandbox.run_many(jobs, workers=c.sandbox_workers or None, timeout_s=c.code_timeout_s,
-                                       config=sandbox.SandboxConfig(allow_unisolated_fallback=c.allow_unisolated_sandbox))
+                                       config=isolation)
             return np.array([[r.fraction] + [r.statuses.count(s) for s in sandbox.STATUSES] for r in results])
 
         results = distributed.split_across_hosts(run, jobs, 1 + len(sandbox.STATUSES))

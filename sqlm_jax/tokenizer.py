@@ -44,13 +44,13 @@ class Tokenizer:
 
     def pad_left(self, sequences: Sequence[Sequence[int]], length: int | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
-        """Left-pads to `length` (default: the longest): ids `[B, T]` int32 and mask `[B, T]` bool."""
+        """Left-pads to `length` (default: the longest): ids `[B, P]` int32 and mask `[B, P]` bool."""
         return pad_left(sequences, self.pad_id, length)
 
 
 def pad_left(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
-    """ids `[B, T]` int32 and mask `[B, T]` bool, each sequence right-aligned (left padding)."""
+    """ids `[B, P]` int32 and mask `[B, P]` bool, each sequence right-aligned (left padding)."""
     length = max(map(len, sequences)) if length is None else length
     ids = np.full((len(sequences), length), pad_id, np.int32)
     mask = np.zeros((len(sequences), length), bool)

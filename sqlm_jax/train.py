@@ -76,7 +76,8 @@ class Trainer:
         if c.rl.advantage == "gae":
             # The reference's critic: initialised from the same checkpoint, trained with its own AdamW.
             critic_graphdef, critic_params = nnx.split(Critic(load()[0]))
-            critic = critic_graphdef, jax.device_put(critic_params, mesh_lib.param_shardings(critic_params, self.mesh))
+            critic_params = jax.device_put(critic_params, mesh_lib.param_shardings(critic_params, self.mesh))
+            critic = critic_graphdef, critic_params
         self.learner = Learner(c, self.mesh, *nnx.split(model), critic=critic)
         self.tokenizer = load_tokenizer(c.model.path)
         self.rollouts = Rollouts(c, self.task, self.tokenizer, self.mesh)

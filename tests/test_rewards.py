@@ -115,3 +115,23 @@ def test_format_rewards():
     # k_min = 1: the "0 < mean < 1" band; row 1 (k = 1) now earns the proposer a reward.
     _, proposer = rewards.format_rewards(ids, k_min=1)
     np.testing.assert_array_equal(proposer, [1.0, 1.0, 0.0, 0.0])
+
+
+def test_reward_fn_is_chosen_by_name():
+    ids = jnp.array([[0, 0, 1, rewards.NO_ANSWER]])
+    for kind, expected in (("majority", rewards.majority_vote(ids, k_min=2)),
+                           ("format", rewards.format_rewards(ids, k_min=2))):
+        for got, want in zip(rewards.reward_fn(kind, k_min=2)(ids), expected):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    fractions = jnp.array([[0.0, 0.5]])
+    solver, proposer = rewards.reward_fn("unit_tests")(fractions)
+    np.testing.assert_array_equal(np.asarray(solver), [[0.0, 0.5]])
+    assert np.asarray(proposer).tolist() == [1.0]
+    with pytest.raises(ValueError, match="choose one of"):
+        rewards.reward_fn("vibes")
+
+
+def test_majority_answers_follow_the_training_rule():
+    """Ties go to the answer seen first; "no answer" is a candidate and may win."""
+    rows = [["7", "5", "5", "7"], [None, None, "3", "4"], ["05", "5", "5", "05"], ["1", None, "2", "3"]]
+    assert rewards.majority_answers(rows) == ["7", None, "05", "1"]

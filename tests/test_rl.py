@@ -254,3 +254,10 @@ def test_microbatch_accumulation_equals_full_batch():
     assert float(acc_count) == float(full_count) == 13.0
     np.testing.assert_allclose(acc_sum / acc_count, full_sum / full_count, rtol=1e-6)
     np.testing.assert_allclose(acc_grad / acc_count, full_grad / full_count, rtol=1e-5, atol=1e-7)
+
+
+def test_outcome_reward_sits_on_the_last_valid_token():
+    mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], bool)
+    out = rl.outcome_token_rewards(jnp.array([2.0, -1.0, 5.0]), mask)
+    np.testing.assert_array_equal(np.asarray(out), [[0, 0, 2, 0], [-1, 0, 0, 0], [5, 0, 0, 0]])
+    assert out.dtype == jnp.float32

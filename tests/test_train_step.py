@@ -148,3 +148,29 @@ def test_trimming_all_padding_prompt_columns_keeps_the_loss():
     wide = np.arange(40)[None, :] >= 23
     assert trim_prompt_padding(np.zeros((1, 40)), wide)[1].shape == (1, 32)
     assert trim_prompt_padding(np.zeros((1, 20)), np.arange(20)[None, :] >= 3)[1].shape == (1, 20)
+
+
+def test_non_finite_loss_skips_the_update_and_counts_it():
+    """A batch whose advantages hold a NaN makes the loss and every gradient NaN: parameters, optimizer
+    state and step stay exactly as they were, and "skipped" is 1. The same batch made finite updates."""
+    graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(2)))
+    tx = optax.adamw(1e-3)
+    step = jax.jit(lambda s, b: train_step(s, b, loss_fn=policy_loss_fn(graphdef, LossConfig()), tx=tx))
+    start = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    batch = _batch()
+    poisoned = batch.advantages.copy()
+    poisoned[0, 0] = np.nan  # a valid token: row 0's response mask starts True
+    assert batch.response_mask[0, 0]
+
+    state, metrics = step(start, _split(batch.replace(advantages=poisoned), 4))
+    assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    assert not np.isfinite(float(metrics["grad_norm"]))
+    assert int(state.step) == 0
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                        (state.params, state.opt_state), (start.params, start.opt_state))
+    assert all(jax.tree.leaves(same))
+
+    state, metrics = step(start, _split(batch, 4))
+    assert float(metrics["skipped"]) == 0.0 and int(state.step) == 1
+    moved = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), state.params, start.params)
+    assert not all(jax.tree.leaves(moved))

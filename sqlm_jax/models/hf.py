@@ -42,7 +42,7 @@ class _Rule:
 
 
 def _fuse_qkv(cfg: ModelConfig, bias: bool):
-    """HF q/k/v `[H·Dh, D]` weights (or `[H·Dh]` biases) <-> our `[D, K, G+2, Dh]` (or `[K, G+2, Dh]`)."""
+    """HF q/k/v `[heads·H, D]` weights (or `[heads·H]` biases) <-> our `[D, K, G+2, H]` (or `[K, G+2, H]`)."""
     k, g, dh = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
 
     def split(x, heads):
