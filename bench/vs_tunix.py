@@ -76,7 +76,7 @@ def parse_args() -> argparse.Namespace:
         p.add_argument(flag, type=type(default), default=default, help=help_text)
     p.add_argument("--tunix-micro-batch", type=int, default=None,
                    help="tunix's train_micro_batch_size in sequences (default: tunix's own, all the "
-                        "completions in one pass; its fastest here, 32 took 1.7x as long)")
+                        "completions in one pass; 32 took the same CPU time here)")
     p.add_argument("--recompute-old-logprobs", action="store_true",
                    help="ours: old log-probs by a forward pass (rl.reuse_sampler_logprobs=False)")
     p.add_argument("--no-shared-prompt-pass", action="store_true",
