@@ -231,10 +231,14 @@ def fetch(metrics: dict[str, dict[str, jax.Array]]) -> dict[str, float]:
     if not names:
         return {}
     arrays = [metrics[role][k] for role, k in names]
-    flat = mesh_lib.to_host(jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in arrays]))
-    values = np.split(flat, np.cumsum([x.size for x in arrays])[:-1])
+    values = np.split(mesh_lib.to_host(_concatenate(arrays)), np.cumsum([x.size for x in arrays])[:-1])
     return {f"{role}/{k}_steps" if k.endswith("skipped") else f"{role}/{k}":
             float(v.sum() if k.endswith("skipped") else v.mean()) for (role, k), v in zip(names, values)}
+
+
+@jax.jit
+def _concatenate(arrays: list[jax.Array]) -> jax.Array:
+    return jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in arrays])
 
 
 def _assemble(*, prompt_ids, prompt_mask, row_mask, response_ids, response_mask, prompt_group: int) -> RoleBatch:
