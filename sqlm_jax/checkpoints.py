@@ -63,7 +63,7 @@ def _crc32(path: epath.Path) -> int:
 def integrity_record(step_dir: epath.Path) -> dict[str, list[int]]:
     """{relative path: [size, crc32]} for every file of a checkpoint directory."""
     return {str(f): [(step_dir / f).stat().length, _crc32(step_dir / f)]
-            for f in _files(step_dir) if f.name != INTEGRITY_FILE}
+            for f in _files(step_dir) if not f.name.startswith(INTEGRITY_FILE)}
 
 
 def first_damage(step_dir: epath.Path) -> str | None:
@@ -108,7 +108,9 @@ def tree_mismatch(saved_tree, wanted_tree) -> str | None:
         parts = [f"{len(missing)} arrays of this run are not in it (first: {missing[0]})" if missing else "",
                  f"{len(extra)} of its arrays are not in this run (first: {extra[0]})" if extra else ""]
         return "another structure (model, optimizer or LoRA settings): " + "; ".join(p for p in parts if p)
-    for name, (shape, dtype) in wanted.items():
+    # Weights before optimizer moments: a weight is what a user recognises (the model, the LoRA rank).
+    for name in sorted(wanted, key=lambda k: (".opt_state." in f".{k}.", k)):
+        shape, dtype = wanted[name]
         if saved[name] != (shape, dtype):
             return (f"{name} is {saved[name][1]}{list(saved[name][0])} there and {dtype}{list(shape)} in "
                     "this run")
@@ -208,10 +210,12 @@ class Checkpointer:
                 "intact: free space or fix the permissions and resume with --config.resume=True") from e
         if jax.process_index() == 0:
             step_dir = self.directory / str(step)
-            try:
-                (step_dir / INTEGRITY_FILE).write_text(json.dumps(integrity_record(step_dir)))
+            partial = step_dir / (INTEGRITY_FILE + ".tmp")
+            try:  # written aside and renamed: a kill mid-write leaves no half record to misread as damage
+                partial.write_text(json.dumps(integrity_record(step_dir)))
+                partial.rename(step_dir / INTEGRITY_FILE)
             except OSError as e:  # the checkpoint is complete; a restore will still check it by reading
-                (step_dir / INTEGRITY_FILE).unlink(missing_ok=True)
+                partial.unlink(missing_ok=True)
                 _warn(f"checkpoint of step {step} saved without its integrity record ({_one_line(e)})")
 
     def _remove_partial(self, step: int) -> None:

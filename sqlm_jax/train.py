@@ -8,7 +8,10 @@ One step (SQLM_SPEC "One training step"), `Trainer.self_play_step`:
      this step (the old ones are the sampler's own when rl.reuse_sampler_logprobs applies: the same
      weights), then advantages per group (a proposer group: one row's n proposals; a solver group:
      the n answers to one question) (learner.py);
-  5. update: PPO on the solver batch every step, on the proposer batch every `proposer_update_freq`.
+  5. update: with a critic (GAE), the critic on the proposer batch, then on the solver batch, every
+     step; then PPO on the solver batch every step, and on the proposer batch every
+     `proposer_update_freq` steps.
+Questions from a fixed pool (rollout.question_source pregenerated or dataset) train no proposer.
 """
 from __future__ import annotations
 
@@ -25,14 +28,14 @@ from tqdm import tqdm
 
 from sqlm_jax import distributed, learner, plan
 from sqlm_jax import mesh as mesh_lib
-from sqlm_jax.checkpoints import Checkpointer
+from sqlm_jax.checkpoints import Checkpointer, CheckpointProblem
 from sqlm_jax.config_check import validate
-from sqlm_jax.evaluate import evaluate
+from sqlm_jax.evaluate import drop_overlong, evaluate_heldout
 from sqlm_jax.learner import Learner, NonFiniteError
 from sqlm_jax.models import load_pretrained, save_pretrained
 from sqlm_jax.models.critic import Critic
 from sqlm_jax.plots import plot_run
-from sqlm_jax.rollout import Rollouts
+from sqlm_jax.rollout import FIXED_SOURCES, Rollouts
 from sqlm_jax.run_log import RunLog
 from sqlm_jax.tasks import get_task
 from sqlm_jax.tokenizer import load_tokenizer
@@ -64,7 +67,9 @@ class Trainer:
 
     def __init__(self, config):
         self.config = c = config
-        self.task = get_task(c.task, **{k: v for k, v in c.task_options.items() if v is not None})
+        # The options given (None keeps the task's default), recorded in run.json and summary.json.
+        self.task_options = {k: v for k, v in c.task_options.items() if v is not None}
+        self.task = get_task(c.task, **self.task_options)
         self.mesh = mesh_lib.make_mesh(dict(c.mesh))
         validate(c, num_batch_devices=self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         # Refuse up front, with the per-device table, a run that cannot fit (before any weight loads).
@@ -87,7 +92,10 @@ class Trainer:
             self.workdir.pull()
         self.log = RunLog(self.workdir.local, enabled=jax.process_index() == 0)
         self.checkpointer = Checkpointer(self.workdir.checkpoints, keep=c.checkpoint.keep)
-        self.eval_problems = self.task.heldout_problems(c.eval.num_problems, c.eval.seed)
+        heldout = self.task.heldout_problems(c.eval.num_problems, c.eval.seed)
+        self.heldout_texts = {q.text for q, _ in heldout}  # kept out of a dataset run's questions
+        self.eval_problems, self.eval_dropped = drop_overlong(self.tokenizer, self.task, heldout,
+                                                              c.eval.max_prompt_len)
         self.steps_done = 0
         self.eval_history: list[dict[str, Any]] = []
         self.nonfinite_steps = 0  # steps in a row with an update skipped for a non-finite loss
@@ -105,14 +113,26 @@ class Trainer:
             solver = self.rollouts.solve(policy, step, proposer)
         with _timer(times, "score"):
             proposer, solver = self.rollouts.score(proposer, solver)
-        trained = {"solver": solver}
-        if proposer.sample is not None and c.rl.proposer_update_freq and (step + 1) % c.rl.proposer_update_freq == 0:
-            trained["proposer"] = proposer
+        has_critic = self.learner.critic_state is not None
+        actor = {"solver": True, "proposer": bool(c.rl.proposer_update_freq) and
+                 (step + 1) % c.rl.proposer_update_freq == 0}
+        # A pool's questions were not sampled this step: nothing of the proposer's to train on.
+        rollouts = {"proposer": proposer, "solver": solver} if proposer.sample is not None else {"solver": solver}
         with _timer(times, "logprobs"):
-            batches = jax.block_until_ready(
-                {role: self.learner.batch(r.sample, r.row_mask, r.rewards) for role, r in trained.items()})
+            batches = jax.block_until_ready({role: self.learner.batch(r.sample, r.row_mask, r.rewards)
+                                             for role, r in rollouts.items() if actor[role] or has_critic})
         with _timer(times, "update"):
-            metrics = learner.fetch({role: self.learner.update(batch) for role, batch in batches.items()})
+            # The reference's order (ray_trainer.py `fit`): update_critic on the proposer batch, then on
+            # the solver's, every step; update_actor on the solver batch, then on the proposer's only
+            # every self_play_proposer_update_freq steps.
+            updates = {role: {} for role in batches}
+            for role in ("proposer", "solver"):
+                if has_critic and role in batches:
+                    updates[role].update(self.learner.update(batches[role], actor=False))
+            for role in ("solver", "proposer"):
+                if actor[role] and role in batches:
+                    updates[role].update(self.learner.update(batches[role], critic=False))
+            metrics = learner.fetch(updates)
 
         tokens = solver.generated_tokens + proposer.generated_tokens
         metrics.update(**proposer.metrics, **solver.metrics, **{f"time/{k}": v for k, v in times.items()})
@@ -123,7 +143,9 @@ class Trainer:
         return metrics
 
     def _log_rollouts(self, step: int, proposer, solver) -> None:
-        n, valid, proposer_r = self.config.rollout.n, proposer.valid, proposer.rewards.reshape(-1)
+        # "valid": the proposal follows the task's format (what the curriculum plots read), whatever
+        # reward.invalid_proposals made of the others.
+        n, valid, proposer_r = self.config.rollout.n, proposer.parsed, proposer.rewards.reshape(-1)
         self.log.samples(step, [
             {"proposal": proposer.texts[i], "valid": bool(valid[i]), "solver_rewards": solver.rewards[i],
              "proposer_reward": proposer_r[i], "answers": solver.texts[i * n:(i + 1) * n]}
@@ -145,16 +167,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- the run
     def evaluate(self) -> dict[str, float]:
-        c, model = self.config, self.model
-        result = evaluate(model, self.tokenizer, self.task, self.eval_problems, greedy=True,
-                          max_new_tokens=c.eval.max_new_tokens, batch_size=c.eval.batch_size,
-                          mesh=self.mesh, full=True)
+        c = self.config
+        result, sampled = evaluate_heldout(self.model, self.tokenizer, self.task, self.eval_problems, c.eval,
+                                           n=c.eval.sampled_n, seed=c.seed, mesh=self.mesh)
         out = {"eval/greedy_accuracy": result.accuracy}
-        if c.eval.sampled_n:
-            problems = self.eval_problems[:c.eval.sampled_problems or None]
-            sampled = evaluate(model, self.tokenizer, self.task, problems, greedy=False,
-                               n=c.eval.sampled_n, max_new_tokens=c.eval.max_new_tokens,
-                               batch_size=c.eval.batch_size, seed=c.seed, mesh=self.mesh, full=True)
+        if sampled is not None:
             out["eval/sampled_accuracy"] = sampled.sampled_accuracy
             if sampled.majority_accuracy is not None:
                 out["eval/majority_accuracy"] = sampled.majority_accuracy
@@ -170,15 +187,17 @@ class Trainer:
         self.workdir.push()
 
     def restore(self) -> bool:
-        step = self.checkpointer.latest_step()
-        if step is None:
-            return False
+        """Continues from the newest intact checkpoint (damaged newer ones are moved aside)."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                 self.learner.states)
-        self.learner.states, meta = self.checkpointer.restore(step, abstract)
+        restored = self.checkpointer.restore_latest(abstract)
+        if restored is None:
+            return False
+        _, states, meta = restored
         if meta["seed"] != self.config.seed:
-            raise ValueError(f"the checkpoint in {self.config.workdir} was made with seed {meta['seed']}, "
-                             f"not {self.config.seed}: resume with --config.seed={meta['seed']}")
+            raise CheckpointProblem(f"the checkpoint in {self.config.workdir} was made with seed {meta['seed']}, "
+                                    f"not {self.config.seed}: resume with --config.seed={meta['seed']}")
+        self.learner.states = states
         self.steps_done, self.rollouts.position = meta["steps_done"], meta["data_position"]
         self.eval_history, self.rollouts.pool = meta["eval_history"], meta["pregenerated"]
         self.nonfinite_steps = meta.get("nonfinite_steps", 0)
@@ -186,12 +205,18 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         c = self.config
-        resumed = c.resume and self.restore()
-        if not resumed and self.checkpointer.latest_step() is not None:
+        if not c.resume and self.checkpointer.latest_step() is not None:
             raise FileExistsError(f"{c.workdir} already holds checkpoints; pass --config.resume=True to "
                                   "continue that run, or choose another --config.workdir")
-        if c.rollout.question_source == "pregenerated" and self.rollouts.pool is None:
-            self.rollouts.pregenerate(self.learner.policy)
+        if c.resume:
+            self.restore()
+        self.checkpointer.check_space(self.learner.states)
+        self._write_run_record()
+        if c.rollout.question_source in FIXED_SOURCES and self.rollouts.pool is None:
+            if c.rollout.question_source == "dataset":
+                self.rollouts.load_dataset(self.heldout_texts)
+            else:
+                self.rollouts.pregenerate(self.learner.policy)
         if not self.eval_history:
             self.evaluate()
         eval_every = c.eval.every or c.train.steps
@@ -215,6 +240,23 @@ class Trainer:
                     return {"stopped_at": self.steps_done}
         return self.finish()
 
+    def _run_record(self) -> dict[str, Any]:
+        """What evaluating the run's model again needs: the task and its options, the held-out set."""
+        c = self.config
+        return {"task": c.task, "task_options": self.task_options,
+                "eval": {"num_problems": c.eval.num_problems, "seed": c.eval.seed,
+                         "max_new_tokens": c.eval.max_new_tokens, "max_prompt_len": c.eval.max_prompt_len,
+                         "problems": len(self.eval_problems), "dropped_overlong": self.eval_dropped}}
+
+    def _write_run_record(self) -> None:
+        """run.json at the start of a run: its task before any summary.json exists (plots of a run in
+        progress read it), and the whole config."""
+        if jax.process_index() == 0:
+            os.makedirs(self.workdir.local, exist_ok=True)
+            with open(os.path.join(self.workdir.local, "run.json"), "w") as f:
+                json.dump({**self._run_record(), "config": json.loads(self.config.to_json_best_effort())},
+                          f, indent=2)
+
     def finish(self) -> dict[str, Any]:
         c = self.config
         export_dir = None
@@ -224,7 +266,7 @@ class Trainer:
             if jax.process_index() == 0:
                 self.tokenizer.hf.save_pretrained(export_dir)
         summary = {
-            "task": c.task,
+            **self._run_record(),
             "base_accuracy": self.eval_history[0]["eval/greedy_accuracy"],
             "final_accuracy": self.eval_history[-1]["eval/greedy_accuracy"],
             "steps": self.steps_done,

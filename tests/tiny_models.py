@@ -10,10 +10,10 @@ from sqlm_jax.models import ModelConfig, Transformer, save_pretrained
 from sqlm_jax.tiny_corpus import build_tokenizer, save_tokenizer
 
 
-def random_policy(folder: Path, seed: int = 0) -> Path:
+def random_policy(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     """A random Qwen2-architecture model with a chat tokenizer, saved as an HF folder."""
     tokenizer = build_tokenizer()
-    cfg = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=len(tokenizer), hidden_size=32,
+    cfg = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=len(tokenizer), hidden_size=hidden_size,
                       intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                       qkv_bias=True, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
     save_pretrained(Transformer(cfg, rngs=nnx.Rngs(seed)), cfg, folder)
@@ -43,4 +43,57 @@ def tiny_run_config(model_path: Path, workdir: Path, task: str = "arithmetic", s
     c.eval.max_new_tokens = 8
     c.checkpoint.every = 1
     c.checkpoint.keep = 5
+    return c
+
+
+def scripted_sample(tokenizer, respond):
+    """A stand-in for `sampling.sample` (install it as `sqlm_jax.rollout.sample`) whose responses are
+    `respond(prompt_text, row) -> str`, `row` indexing the call's N rows: a policy with known answers,
+    so rewards, advantages and updates have known, non-zero values.
+
+    The arrays are laid out as the sampler lays them out (prompts left padded to its bucketed length,
+    each response ended by the stop id then padded, rows on the mesh). Its log-probs are zeros: a run
+    using it sets rl.reuse_sampler_logprobs=False, so the learner computes the old ones itself.
+    """
+    import numpy as np
+
+    from sqlm_jax import mesh as mesh_lib
+    from sqlm_jax.sampling import SampleOutput, bucket_length
+    from sqlm_jax.tokenizer import pad_left
+
+    def sample(graphdef, weights, prompts, *, params, seed, mesh=None):
+        del graphdef, weights, seed
+        n, width = params.n, params.max_new_tokens
+        texts = [tokenizer.hf.decode(p) for p in prompts]
+        token_lists = [tokenizer.encode(respond(texts[i // n], i))[:width - 1] + [params.stop_ids[0]]
+                       for i in range(len(prompts) * n)]
+        tokens = np.full((len(token_lists), width), params.pad_id, np.int32)
+        mask = np.zeros(tokens.shape, bool)
+        for i, row in enumerate(token_lists):
+            tokens[i, :len(row)], mask[i, :len(row)] = row, True
+        prompt_tokens, prompt_mask = pad_left(prompts, params.pad_id, bucket_length(max(map(len, prompts))))
+        placed = mesh_lib.shard_rows((tokens, np.zeros(tokens.shape, np.float32), mask), mesh)
+        return SampleOutput(*placed, token_lists=token_lists, prompt_tokens=np.repeat(prompt_tokens, n, 0),
+                            prompt_mask=np.repeat(prompt_mask, n, 0), n=n)
+
+    return sample
+
+
+def arithmetic_script(prompt: str, row: int) -> str:
+    """Known answers for the arithmetic task at rollout.n = 2: proposal i is "<i+2>*3"; the solver
+    answers question q with "<q>" twice when q is even (rewards [1, 1]) and with "<q>" then no answer
+    when q is odd (rewards [1, 0]: a tie goes to the answer seen first)."""
+    if "Let's think step by step" not in prompt:
+        return f"{row + 2}*3"
+    question, second = row // 2, row % 2
+    return f"<answer>{question}</answer>" if question % 2 == 0 or not second else "I do not know"
+
+
+def rewarded_run_config(model_path: Path, workdir: Path, steps: int = 2):
+    """`tiny_run_config` for a run under `scripted_sample(tokenizer, arithmetic_script)`: old log-probs
+    recomputed, no weight decay and Adam with a large eps (updates ~ lr · gradient), so that the weights
+    move by the rewarded samples' gradients alone."""
+    c = tiny_run_config(model_path, workdir, steps=steps)
+    c.rl.reuse_sampler_logprobs = False
+    c.optim.weight_decay, c.optim.eps, c.optim.lr = 0.0, 1.0, 1e-2
     return c
