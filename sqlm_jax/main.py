@@ -3,25 +3,11 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
                                           lock_config=True)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with an unknown config key reported in one line instead of a traceback.
-
-    `--config=configs/NAME.py` falls back to the shipped config when there is no such file here."""
-    from sqlm_jax import configs
-    try:
-        return flags.FLAGS(configs.resolve_flag(argv))
-    except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown key>=...
-        hint = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
-        sys.exit(f"error: unknown config key: {hint}")
-    except (flags.Error, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
 
 
 def main(argv: list[str]) -> None:
@@ -52,4 +38,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    from sqlm_jax.configs import parse_flags
+    app.run(main, flags_parser=parse_flags)

@@ -25,7 +25,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from sqlm_jax import rewards, sampling, tiny_corpus
+from sqlm_jax import configs, rewards, sampling, tiny_corpus
 from sqlm_jax.evaluate import evaluate
 from sqlm_jax.models.config import ModelConfig
 from sqlm_jax.models.hf import save_pretrained
@@ -34,7 +34,8 @@ from sqlm_jax.tasks import Question, get_task
 from sqlm_jax.tokenizer import Tokenizer, load_tokenizer
 from sqlm_jax.train_step import make_optimizer
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_pretrain.py", "warm-start config file")
+_CONFIG = config_flags.DEFINE_config_file("config", str(configs.SHIPPED / "tiny_pretrain.py"),
+                                          "warm-start config file")
 
 
 def model_config(model_cfg, tokenizer) -> ModelConfig:
@@ -287,4 +288,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=configs.parse_flags)

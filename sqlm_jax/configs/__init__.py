@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import sys
 from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent
@@ -54,3 +55,17 @@ def resolve_flag(argv: list[str], flag: str = "config") -> list[str]:
         elif arg == f"--{flag}" and i + 1 < len(out):
             out[i + 1] = resolve(out[i + 1])
     return out
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for the command lines (`app.run(main, flags_parser=parse_flags)`): the
+    `--config` file resolved as above, and an unknown config key or a bad flag reported in one line
+    instead of a traceback."""
+    from absl import flags
+    try:
+        return flags.FLAGS(resolve_flag(argv))
+    except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown key>=...
+        hint = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+        sys.exit(f"error: unknown config key: {hint}")
+    except (flags.Error, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
