@@ -71,12 +71,14 @@ def entropy(logits: jnp.ndarray, temperature: float = 1.0) -> jnp.ndarray:
     return jax.nn.logsumexp(logits, axis=-1) - expected_logit
 
 
-def grpo_advantages(rewards: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
+def grpo_advantages(rewards: jnp.ndarray, eps: float = 1e-6, *, scale_by_std: bool = True) -> jnp.ndarray:
     """GRPO outcome advantages: (r - group mean) / (group std + eps), std with the n - 1 divisor.
 
     Args:
       rewards: [Q, n] one scalar reward per sample, n samples per group.
       eps: added to the std so an all-equal group gives advantage 0, not nan.
+      scale_by_std: False gives Dr. GRPO's unnormalised r - group mean (Liu et al. 2025, "Understanding
+        R1-Zero-Like Training"; verl's norm_adv_by_std_in_grpo=False).
 
     Returns:
       [Q, n] float32. A singleton group (n = 1) has no sample std; verl then uses mean 0 and std 1,
@@ -86,8 +88,51 @@ def grpo_advantages(rewards: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
     if rewards.shape[-1] == 1:
         return rewards / (1.0 + eps)
     mean = jnp.mean(rewards, axis=-1, keepdims=True)
+    if not scale_by_std:
+        return rewards - mean
     std = jnp.std(rewards, axis=-1, keepdims=True, ddof=1)
     return (rewards - mean) / (std + eps)
+
+
+def rloo_advantages(rewards: jnp.ndarray) -> jnp.ndarray:
+    """REINFORCE leave-one-out: each sample's reward minus the mean of the other n - 1 of its group
+    (Ahmadian et al. 2024; verl's compute_rloo_outcome_advantage), i.e. n/(n-1) · (r - group mean).
+
+    Args:
+      rewards: [Q, n].
+
+    Returns:
+      [Q, n] float32; a singleton group keeps its reward (no other sample to compare with).
+    """
+    rewards = rewards.astype(jnp.float32)
+    n = rewards.shape[-1]
+    if n == 1:
+        return rewards
+    return (rewards - jnp.mean(rewards, axis=-1, keepdims=True)) * (n / (n - 1))
+
+
+def reinforce_pp_advantages(token_rewards: jnp.ndarray, mask: jnp.ndarray, gamma: float = 1.0) -> jnp.ndarray:
+    """REINFORCE++ (Hu 2025; verl's compute_reinforce_plus_plus_outcome_advantage): the discounted
+    return to go of each token, whitened over every valid token of the batch, with no group baseline.
+
+    Args:
+      token_rewards: [N, R] (an outcome reward on the last valid token, `outcome_token_rewards`).
+      mask: [N, R].
+      gamma: discount.
+
+    Returns:
+      [N, R] float32, zero on padding. Call it on the whole batch: the whitening is batch-wide.
+    """
+    m = mask.astype(jnp.float32)
+
+    def step(running, xs):
+        r_t, m_t = xs
+        running = r_t + gamma * running
+        return running * m_t, running * m_t  # verl resets the running return on padding
+
+    _, returns = jax.lax.scan(step, jnp.zeros(m.shape[0], jnp.float32),
+                              (token_rewards.astype(jnp.float32).T, m.T), reverse=True)
+    return masked_whiten(returns.T, mask)
 
 
 def broadcast_sequence_advantage(advantages: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
