@@ -6,9 +6,9 @@ import math
 from sqlm_jax.tasks import TASKS
 
 _CHOICES = {
-    "reward.kind": ("auto", "majority", "format", "unit_tests"),
-    "reward.invalid_proposals": ("keep", "mask"),
-    "rollout.question_source": ("online", "pregenerated"),
+    "reward.kind": ("auto", "majority", "format", "unit_tests", "ground_truth"),
+    "reward.invalid_proposals": ("reference", "keep", "mask"),
+    "rollout.question_source": ("online", "pregenerated", "dataset"),
     "rl.advantage": ("grpo", "gae"),
     "rl.kl_kind": ("k1", "k2", "k3"),
     "optim.schedule": ("constant", "cosine"),
@@ -40,6 +40,11 @@ def validate(config, num_batch_devices: int | None = None) -> None:
             config.reward.kind == "majority" and config.task == "coding":
         raise ConfigError(f"reward.kind={config.reward.kind!r} does not suit task {config.task!r}; "
                           "use reward.kind='auto' for the task's own reward")
+    if config.reward.kind == "ground_truth" and r.question_source != "dataset":
+        raise ConfigError("reward.kind='ground_truth' needs labelled questions: set rollout.question_source='dataset'")
+    if r.question_source == "dataset" and config.task == "coding" and config.reward.kind != "ground_truth":
+        raise ConfigError("coding dataset questions carry no proposer tests to score by: set "
+                          "reward.kind='ground_truth' (their labelled tests)")
     if r.n < 2:
         raise ConfigError(f"rollout.n={r.n}: groups of one give no advantage signal; use n >= 2 (paper: 4)")
     for field in ("rollout.batch_size", "rollout.max_prompt_len", "rollout.proposer_max_new_tokens",
@@ -62,6 +67,8 @@ def validate(config, num_batch_devices: int | None = None) -> None:
                           f"{num_batch_devices} devices the batch is split over (mesh data × fsdp)")
     if rl.proposer_update_freq < 0 or config.eval.every < 0:
         raise ConfigError("rl.proposer_update_freq and eval.every must be >= 0 (0 = never / only at the ends)")
+    if config.eval.max_prompt_len < 0:
+        raise ConfigError("eval.max_prompt_len must be >= 0 (0 = keep every held-out problem)")
     if config.eval.sampled_n < 0 or config.eval.sampled_problems < 0:
         raise ConfigError("eval.sampled_n and eval.sampled_problems must be >= 0 (0 = off / all problems)")
     if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:

@@ -53,13 +53,22 @@ def base_config() -> ml_collections.ConfigDict:
         "temperature": 1.0,
         "top_p": 1.0,
         "top_k": 0,                  # 0 = no top-k
-        "question_source": "online",  # online (the method) | pregenerated (ablation: one batch made at step 0)
-        "pregenerated_questions": 1024,
+        # online (the method) | pregenerated (ablation: a pool proposed by the base model at step 0) |
+        # dataset (the task's training problems, never held-out ones: labelled RL with
+        # reward.kind=ground_truth, TTRL-style with the majority vote); the proposer is trained only online.
+        "question_source": "online",
+        "pregenerated_questions": 1024,  # size of the fixed pool (pregenerated and dataset)
+        "dataset_path": placeholder(str),  # dataset: a file of labelled questions (None: the task's generator)
+        "dataset_seed": 4321,        # dataset: draws the pool (held-out problems are removed from it)
     })
     c.reward = ml_collections.ConfigDict({
-        "kind": "auto",              # auto (task's own: majority or unit_tests) | majority | format
+        # auto (task's own: majority or unit_tests) | majority | format | ground_truth (labels of dataset questions)
+        "kind": "auto",
         "k_min": 2,                  # proposer band k_min <= k < n (reference: k > 1)
-        "invalid_proposals": "keep",  # keep (reference: in the proposer loss with reward 0) | mask
+        # reference (every proposal asks its task.reference_question, rewarded as usual) | keep (strict
+        # parse: invalid ones get reward 0 and stay in the proposer loss, their answers leave the
+        # solver's) | mask (as keep, and they also leave the proposer loss)
+        "invalid_proposals": "reference",
         "code_timeout_s": 10.0,
         "sandbox_workers": 0,        # 0 = one per core
         "allow_unisolated_sandbox": False,
@@ -109,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
         "num_problems": 500,
         "seed": 1234,
         "max_new_tokens": 1024,
+        "max_prompt_len": 512,       # held-out problems whose solver prompt is longer are dropped (0: none)
         "batch_size": 64,
         "sampled_n": 0,              # also report mean accuracy of this many samples at temperature 1
         "sampled_problems": 0,       # ... on the first this many held-out problems (0 = all of them)

@@ -67,12 +67,14 @@ def check_prompt_groups(prompt_ids: np.ndarray, prompt_mask: np.ndarray, group: 
                              "rl.shared_prompt_pass=False or keep each prompt's samples together")
 
 
-def updates_per_run(config) -> int:
-    """Optimizer updates of a whole run (the length of a decaying learning-rate schedule)."""
+def updates_per_run(config, critic: bool = False) -> int:
+    """Optimizer updates of a whole run (the length of a decaying learning-rate schedule): the
+    policy's, or with `critic` the critic's, which sees the proposer batch every step."""
     c = config
     solver = c.rollout.batch_size * c.rollout.n // c.rl.mini_batch_size
-    proposer = (c.rollout.batch_size // c.rl.mini_batch_size
-                if c.rl.proposer_update_freq else 0) / max(c.rl.proposer_update_freq, 1)
+    proposer = c.rollout.batch_size // c.rl.mini_batch_size
+    if not critic:
+        proposer = (proposer if c.rl.proposer_update_freq else 0) / max(c.rl.proposer_update_freq, 1)
     return int(c.train.steps * c.rl.ppo_epochs * (solver + proposer)) + 1
 
 
@@ -96,7 +98,7 @@ class Learner:
         if critic is not None:
             self.critic_graphdef, critic_params = critic
             critic_tx = make_optimizer(ml_collections.ConfigDict({**c.optim, "lr": c.rl.critic_lr}),
-                                       total_updates=total)
+                                       total_updates=updates_per_run(c, critic=True))
             self.critic_state, self._critic_update = self._compiled(
                 critic_params, critic_tx, value_loss_fn(self.critic_graphdef, c.rl.value_clip))
         self._assemble = jax.jit(_assemble, static_argnames="prompt_group")
@@ -198,15 +200,18 @@ class Learner:
                              returns=returns)
 
     # ------------------------------------------------------------------------------------- updates
-    def update(self, batch: RoleBatch) -> dict[str, jax.Array]:
-        """PPO epochs over mini-batches of `rl.mini_batch_size` groups of n rows (the critic's update
-        first, when there is one); metrics `[updates]` on the device, for `fetch`."""
+    def update(self, batch: RoleBatch, *, actor: bool = True, critic: bool = True) -> dict[str, jax.Array]:
+        """PPO epochs over mini-batches of `rl.mini_batch_size` groups of n rows: the critic's update
+        (when there is one and `critic`), then the policy's (when `actor`); metrics `[updates]` on the
+        device, for `fetch`, the critic's named critic_*."""
         metrics = {}
-        if self.critic_state is not None:
-            self.critic_state, critic = self._critic_update(self.critic_state, batch)
-            metrics = {f"critic_{k}": v for k, v in critic.items()}
-        self.state, policy = self._update(self.state, batch)
-        return {**policy, **metrics}
+        if critic and self.critic_state is not None:
+            self.critic_state, values = self._critic_update(self.critic_state, batch)
+            metrics = {f"critic_{k}": v for k, v in values.items()}
+        if actor:
+            self.state, policy = self._update(self.state, batch)
+            metrics.update(policy)
+        return metrics
 
     def _update_fn(self, state: TrainState, batch: RoleBatch, *, step):
         rows = self.config.rl.mini_batch_size * self.config.rollout.n

@@ -1,4 +1,5 @@
-"""Proxy rewards for self-play: majority vote, unit-test pass rates, format-only.
+"""Proxy rewards for self-play: majority vote, unit-test pass rates, format-only; and the labelled
+baseline's ground-truth reward.
 
 Every reward function takes one row per question (Q rows) and one column per solver sample (n columns)
 and returns `(solver_reward[Q, n], proposer_reward[Q])`, both float32. They are pure jnp functions:
@@ -136,12 +137,27 @@ def format_rewards(answer_ids: jnp.ndarray, *, k_min: int = 2) -> tuple[jnp.ndar
     return solver, band_reward(k, answer_ids.shape[-1], k_min)
 
 
+def ground_truth_rewards(scores: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Labelled-RL rewards (the baseline of rollout.question_source="dataset"): no self-play proxy.
+
+    Args:
+      scores: [Q, n] each answer's score against its question's label (1.0 for the right answer of a
+        math question, the fraction of the labelled tests a program passes).
+
+    Returns:
+      solver_reward[Q, n]: the scores themselves.
+      proposer_reward[Q]: 0 (the questions are given: there is no proposer to reward).
+    """
+    return scores.astype(jnp.float32), jnp.zeros(scores.shape[:-1], jnp.float32)
+
+
 def reward_fn(kind: str, *, k_min: int = 2) -> Callable[[jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]:
     """The reward function named by reward.kind: "majority" and "format" take answer ids `[Q, n]`,
-    "unit_tests" takes pass fractions `[Q, n]`."""
+    "unit_tests" takes pass fractions `[Q, n]`, "ground_truth" scores against labels `[Q, n]`."""
     rewards = {"majority": functools.partial(majority_vote, k_min=k_min),
                "format": functools.partial(format_rewards, k_min=k_min),
-               "unit_tests": code_rewards}
+               "unit_tests": code_rewards,
+               "ground_truth": ground_truth_rewards}
     if kind not in rewards:
         raise ValueError(f"reward kind {kind!r}; choose one of {sorted(rewards)}")
     return rewards[kind]

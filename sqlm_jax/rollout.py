@@ -1,17 +1,27 @@
 """One step's rollouts: the proposer proposes, the solver solves, the host scores; one `Rollout` per role.
 
-    topic prompt ──sample B·n──▶ proposals ──task.parse_question──▶ questions [Q = B·n]
-    questions ──solver_prompts──▶ ──sample n each──▶ answers [Q·n]
-    answers ──task.parse_answer → answer ids, or the sandbox → pass fractions──▶ rewards.reward_fn
-      ──▶ solver rewards [Q, n], proposer rewards [B, n]
+    topic prompt ──sample B·n──▶ proposals ──task.reference_question (or parse_question)──▶ questions [Q = B·n]
+    questions ──solver prompts, left-truncated to rollout.max_prompt_len──▶ ──sample n each──▶ answers [Q·n]
+    answers ──task.parse_answer → answer ids, or the sandbox → pass fractions, or the labels──▶
+      rewards.reward_fn ──▶ solver rewards [Q, n], proposer rewards [B, n]
 
 Everything that touches text or runs programs happens here, on the host; the sampled arrays stay on
-the device(s) for the learner. The pregenerated pool (the ablation's fixed questions) lives here too.
+the device(s) for the learner. The fixed question pools live here too: the "pregenerated" ablation's
+(proposed once by the base model) and the "dataset" baselines' (the task's training problems).
+
+Invalid proposals (reward.invalid_proposals), the one place the modes differ:
+  reference  every proposal is a question, `task.reference_question`, rewarded as usual; its answers
+             stay in the solver loss and GAE whitening (the reference's loss_mask has no effect)
+  keep       `task.parse_question`: a proposal it rejects, or whose solver prompt exceeds
+             rollout.max_prompt_len, is invalid: proposer reward 0, kept in the proposer loss (a
+             format penalty); its answers get reward 0 and leave the solver loss
+  mask       as keep, and invalid proposals also leave the proposer loss
+`proposals/valid` is the strict parse rate in every mode.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +35,7 @@ from sqlm_jax.tokenizer import Tokenizer
 
 
 _majority_info = jax.jit(rewards_lib.majority_info)
+FIXED_SOURCES = ("pregenerated", "dataset")  # question sources whose questions come from a fixed pool
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -41,16 +52,20 @@ def solver_prompts(tokenizer: Tokenizer, task: Task, questions: Sequence[Questio
 class Rollout:
     """One role's N sampled rows and what the host made of them. Rows i·n … i·n+n-1 form group i."""
 
-    sample: SampleOutput | None   # the sampler's arrays; None for proposals from the pregenerated pool
+    sample: SampleOutput | None   # the sampler's arrays; None for questions from a fixed pool
     texts: list[str]              # [N] decoded responses
-    questions: list[Question | None]  # the proposer's parsed questions [N] (None: invalid); the solver's [Q]
+    # The proposer's questions [N], as the solver gets them (None: invalid, only outside "reference");
+    # the solver's [Q], the same list.
+    questions: list[Question | None]
+    parsed: np.ndarray | None = None     # proposer [N] bool: the proposal follows the task's format
+    truths: list[Any] | None = None      # [Q] labels of dataset questions (reward.kind="ground_truth")
     row_mask: np.ndarray | None = None   # [N] bool: rows in the role's loss
     rewards: np.ndarray | None = None    # [N/n, n]
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def valid(self) -> np.ndarray:
-        """[Q] bool: the questions that parsed (and fit the solver's prompt)."""
+        """[Q] bool: the questions the solver is rewarded and trained on."""
         return np.array([q is not None for q in self.questions])
 
     @property
@@ -73,7 +88,7 @@ class Rollouts:
         self.reward_kind = task.reward if c.reward.kind == "auto" else c.reward.kind
         # Compiled once: eager jnp would send each of the rule's Python constants to the device per call.
         self.reward = jax.jit(rewards_lib.reward_fn(self.reward_kind, k_min=c.reward.k_min))
-        self.pool: list[dict] | None = None  # the ablation's fixed questions
+        self.pool: list[dict] | None = None  # a fixed source's questions
         self.position = 0  # questions of the pool used so far
 
     def propose(self, policy, step: int, stream: int = 0) -> Rollout:
@@ -84,21 +99,33 @@ class Rollouts:
         prompt = self.tokenizer.chat_prompt(self.task.proposer_prompt)
         out = sample(*policy, [prompt], params=self.proposer_params,
                      seed=step_seed(self.config.seed, step, stream), mesh=self.mesh)
-        texts = [self.tokenizer.decode(t) for t in out.token_lists]
-        questions = [self.task.parse_question(t) for t in texts]
-        # A question whose solver prompt would not fit max_prompt_len counts as invalid.
-        fits = lambda q: len(solver_prompts(self.tokenizer, self.task, [q])[0]) <= self.config.rollout.max_prompt_len
-        return Rollout(out, texts, [q if q is not None and fits(q) else None for q in questions])
+        return self.proposals(out, [self.tokenizer.decode(t) for t in out.token_lists])
+
+    def proposals(self, out: SampleOutput | None, texts: list[str]) -> Rollout:
+        """The proposer's Rollout of `texts`: each proposal's question by reward.invalid_proposals."""
+        parsed = [self.task.parse_question(t) for t in texts]
+        if self.config.reward.invalid_proposals == "reference":
+            # ray_trainer.py `fit` (the proposer_parser_version branches): every proposal is sent to
+            # the solver, and its loss_mask reaches no loss.
+            questions = [self.task.reference_question(t) for t in texts]
+        else:
+            limit = self.config.rollout.max_prompt_len
+            fits = lambda q: len(solver_prompts(self.tokenizer, self.task, [q])[0]) <= limit
+            questions = [q if q is not None and fits(q) else None for q in parsed]
+        return Rollout(out, texts, questions, parsed=np.array([q is not None for q in parsed]))
 
     def questions(self, policy, step: int) -> Rollout:
-        """Online: fresh proposals. Pregenerated (ablation): the next B·n from the fixed pool."""
-        if self.config.rollout.question_source == "online":
+        """Online: fresh proposals. A fixed source (pregenerated, dataset): the next B·n of its pool."""
+        source = self.config.rollout.question_source
+        if source not in FIXED_SOURCES:
             return self.propose(policy, step)
         count = self.proposer_params.n
         picked = [self.pool[(self.position + i) % len(self.pool)] for i in range(count)]
         self.position += count
         return Rollout(None, [p["proposal"] for p in picked],
-                       [Question(p["text"], tuple(map(tuple, p["tests"]))) for p in picked])
+                       [Question(p["text"], tuple(map(tuple, p["tests"]))) for p in picked],
+                       parsed=np.ones(count, bool),
+                       truths=[p["truth"] for p in picked] if source == "dataset" else None)
 
     def pregenerate(self, policy) -> None:
         """The ablation's fixed question pool, proposed once by the base model before training."""
@@ -106,32 +133,60 @@ class Rollouts:
         while len(pool) < wanted and chunk < 100:
             proposals = self.propose(policy, chunk, stream=2)
             pool += [{"proposal": p, "text": q.text, "tests": q.tests}
-                     for p, q in zip(proposals.texts, proposals.questions) if q is not None]
+                     for p, q, ok in zip(proposals.texts, proposals.questions, proposals.parsed)
+                     if q is not None and ok]
             chunk += 1
         if not pool:
             raise RuntimeError("the base model proposed no valid question; cannot pregenerate a pool")
         self.pool = pool[:wanted]
 
+    def load_dataset(self, heldout: set[str]) -> None:
+        """The dataset baselines' fixed pool: rollout.pregenerated_questions of the task's training
+        problems (its generator, or rollout.dataset_path), none of them a held-out question (`heldout`:
+        the texts of the evaluation set)."""
+        r = self.config.rollout
+        problems = self.task.training_problems(r.pregenerated_questions + len(heldout), r.dataset_seed,
+                                               path=r.dataset_path)
+        pool = [{"proposal": q.text, "text": q.text, "tests": q.tests, "truth": truth}
+                for q, truth in problems if q.text not in heldout]
+        if not pool:
+            raise RuntimeError("every training problem is a held-out one; set rollout.dataset_path or "
+                               "rollout.dataset_seed to draw others")
+        self.pool = pool[:r.pregenerated_questions]
+
+    def solver_inputs(self, questions: Sequence[Question]) -> list[list[int]]:
+        """Solver prompts, each cut to its last rollout.max_prompt_len tokens: the reference's left
+        truncation of a long question's prompt (ray_trainer.py `fit`, verl_F.postprocess_data with
+        truncation='left'), which keeps it in the batch."""
+        limit = self.config.rollout.max_prompt_len
+        return [p[-limit:] for p in solver_prompts(self.tokenizer, self.task, questions)]
+
     def solve(self, policy, step: int, proposer: Rollout) -> Rollout:
         """n answers to each question; an invalid proposal's raw text stands in for its question."""
         questions = [q if q is not None else Question(p) for q, p in zip(proposer.questions, proposer.texts)]
-        out = sample(*policy, solver_prompts(self.tokenizer, self.task, questions), params=self.solver_params,
+        out = sample(*policy, self.solver_inputs(questions), params=self.solver_params,
                      seed=step_seed(self.config.seed, step, 1), mesh=self.mesh)
-        return Rollout(out, [self.tokenizer.decode(t) for t in out.token_lists], proposer.questions)
+        return Rollout(out, [self.tokenizer.decode(t) for t in out.token_lists], proposer.questions,
+                       truths=proposer.truths)
 
     def score(self, proposer: Rollout, solver: Rollout) -> tuple[Rollout, Rollout]:
         """Both roles with rewards and row masks: solver `[Q, n]`, proposer `[B, n]`, 0 for invalid
-        questions; answers to invalid questions leave the solver's loss, invalid proposals stay in
-        the proposer's unless reward.invalid_proposals='mask'."""
+        questions, which leave the solver's loss (and the proposer's with invalid_proposals='mask')."""
         n, valid = self.config.rollout.n, proposer.valid
-        per_answer, metrics = (self._pass_fractions if self.reward_kind == "unit_tests" else self._answer_ids)(
-            proposer.questions, solver.texts)
+        if self.reward_kind == "ground_truth":
+            per_answer, metrics = self._truth_scores(proposer.truths, solver.texts)
+        elif self.reward_kind == "unit_tests":
+            per_answer, metrics = self._pass_fractions([q.tests if q else () for q in proposer.questions],
+                                                       solver.texts)
+        else:
+            per_answer, metrics = self._answer_ids(proposer.questions, solver.texts)
         solver_r, proposer_r = (np.asarray(x) for x in self.reward(jnp.asarray(per_answer)))
         solver_r, proposer_r = solver_r * valid[:, None], proposer_r * valid
         metrics["reward/solver"] = float(solver_r[valid].mean()) if valid.any() else 0.0
         keep = valid if self.config.reward.invalid_proposals == "mask" else np.ones_like(valid)
+        parsed = valid if proposer.parsed is None else proposer.parsed
         return (dataclasses.replace(proposer, row_mask=keep, rewards=proposer_r.reshape(-1, n), metrics={
-                    "reward/proposer": float(proposer_r.mean()), "proposals/valid": float(valid.mean())}),
+                    "reward/proposer": float(proposer_r.mean()), "proposals/valid": float(parsed.mean())}),
                 dataclasses.replace(solver, row_mask=np.repeat(valid, n), rewards=solver_r, metrics=metrics))
 
     def _answer_ids(self, questions, answers: list[str]) -> tuple[np.ndarray, dict[str, float]]:
@@ -145,13 +200,24 @@ class Rollouts:
         metrics["answers/parsed"] = float(np.mean([p is not None for p in parsed]))
         return ids, metrics
 
-    def _pass_fractions(self, questions, answers: list[str]) -> tuple[np.ndarray, dict[str, float]]:
-        """Each program's fraction of its question's tests passed `[Q, n]`, and the sandbox's statuses."""
+    def _truth_scores(self, truths: list[Any], answers: list[str]) -> tuple[np.ndarray, dict[str, float]]:
+        """Each answer's score against its question's label `[Q, n]`: 1 for the right answer (math),
+        the fraction of the labelled tests passed (coding)."""
+        n = self.config.rollout.n
+        if self.task.reward == "unit_tests":
+            return self._pass_fractions(truths, answers)
+        scores = np.array([self.task.score(a, truths[i // n]) for i, a in enumerate(answers)], np.float32)
+        return scores.reshape(-1, n), {
+            "answers/parsed": float(np.mean([self.task.parse_answer(a) is not None for a in answers]))}
+
+    def _pass_fractions(self, tests: Sequence[Sequence[tuple[str, str]]], answers: list[str]
+                        ) -> tuple[np.ndarray, dict[str, float]]:
+        """Each program's fraction of its question's tests (`tests [Q]`) passed `[Q, n]`, and the
+        sandbox's statuses. A response without a program, or a question without tests, scores 0 and
+        runs nothing: the empty program would pass every test that expects no output."""
         n, c = self.config.rollout.n, self.config.reward
         programs = [self.task.parse_answer(a) for a in answers]
-        jobs = [(p or "", questions[i // n].tests if questions[i // n] is not None else ())
-                for i, p in enumerate(programs)]
-
+        jobs = [(i, p, tests[i // n]) for i, p in enumerate(programs) if p is not None and len(tests[i // n])]
         isolation = sandbox.SandboxConfig(allow_unisolated_fallback=c.allow_unisolated_sandbox)
 
         def run(jobs):
@@ -159,7 +225,10 @@ class Rollouts:
                                        config=isolation)
             return np.array([[r.fraction] + [r.statuses.count(s) for s in sandbox.STATUSES] for r in results])
 
-        results = distributed.split_across_hosts(run, jobs, 1 + len(sandbox.STATUSES))
+        results = np.zeros((len(answers), 1 + len(sandbox.STATUSES)))
+        if jobs:  # the same list on every host, so all of them join split_across_hosts' all-gather
+            results[[i for i, _, _ in jobs]] = distributed.split_across_hosts(
+                run, [(p, t) for _, p, t in jobs], 1 + len(sandbox.STATUSES))
         counts = results[:, 1:].sum(axis=0)
         metrics = {f"sandbox/{s}": k / max(counts.sum(), 1) for s, k in zip(sandbox.STATUSES, counts)}
         metrics["answers/parsed"] = float(np.mean([p is not None for p in programs]))

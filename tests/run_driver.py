@@ -1,7 +1,10 @@
 """Runs the tiny self-play config in its own process (multi-host and preemption tests).
 
     python tests/run_driver.py MODEL WORKDIR OUT.npz --steps 2 [--devices 2 --processes 2 --process-id 0
-                               --port 12345] [--resume]
+                               --port 12345] [--resume] [--rewarded]
+
+--rewarded: the scripted policy of tests/tiny_models.py (known answers, half of them rewarded) with
+no weight decay, so the weights move by large gradients alone.
 
 Writes the final parameters (gathered on every host) to OUT.npz, one file per process.
 """
@@ -19,7 +22,7 @@ parser.add_argument("--processes", type=int, default=1)
 parser.add_argument("--process-id", type=int, default=0)
 parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--resume", action="store_true")
-parser.add_argument("--sgd-like", action="store_true")
+parser.add_argument("--rewarded", action="store_true")
 args = parser.parse_args()
 
 # Before jax is imported: this process's fake CPU devices.
@@ -31,13 +34,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sqlm_jax import distributed, mesh as mesh_lib  # noqa: E402
-from tests.tiny_models import tiny_run_config  # noqa: E402
+from tests.tiny_models import (arithmetic_script, rewarded_run_config, scripted_sample,  # noqa: E402
+                               tiny_run_config)
 
-config = tiny_run_config(args.model, args.workdir, steps=args.steps)
-if args.sgd_like:
-    # A random policy earns no reward, so its gradients are the KL term's float rounding alone; Adam
-    # with eps ~ 0 would scale that noise up to full-size steps. A large eps keeps updates ~ lr * grad.
-    config.optim.eps, config.optim.lr = 1.0, 1e-2
+config = (rewarded_run_config if args.rewarded else tiny_run_config)(args.model, args.workdir, steps=args.steps)
 config.resume = args.resume
 if args.processes > 1:
     config.distributed.coordinator_address = f"127.0.0.1:{args.port}"
@@ -46,6 +46,11 @@ if args.processes > 1:
 distributed.initialize(config.distributed)
 
 from sqlm_jax.train import Trainer  # noqa: E402
+
+if args.rewarded:
+    from sqlm_jax import rollout  # noqa: E402
+    from sqlm_jax.tokenizer import load_tokenizer  # noqa: E402
+    rollout.sample = scripted_sample(load_tokenizer(args.model), arithmetic_script)
 
 trainer = Trainer(config)
 summary = trainer.run()

@@ -135,3 +135,10 @@ def test_majority_answers_follow_the_training_rule():
     """Ties go to the answer seen first; "no answer" is a candidate and may win."""
     rows = [["7", "5", "5", "7"], [None, None, "3", "4"], ["05", "5", "5", "05"], ["1", None, "2", "3"]]
     assert rewards.majority_answers(rows) == ["7", None, "05", "1"]
+
+
+def test_ground_truth_rewards_are_the_scores_and_no_proposer_reward():
+    scores = jnp.array([[1.0, 0.0, 1.0], [0.25, 0.5, 0.0]])
+    solver, proposer = jax.jit(rewards.reward_fn("ground_truth"))(scores)
+    np.testing.assert_array_equal(np.asarray(solver), np.asarray(scores))
+    assert solver.dtype == jnp.float32 and np.asarray(proposer).tolist() == [0.0, 0.0]

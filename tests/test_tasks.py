@@ -564,3 +564,24 @@ def test_curriculum_panels_draw_features_the_task_computes(name):
     curves = [key for panel in task.curriculum_panels for key, _ in panel.curves]
     assert curves and set(curves) <= keys
     assert SOLVER_REWARD in curves
+
+
+def test_training_problems_come_from_the_generator_or_a_file_never_the_heldout_source(tmp_path):
+    from sqlm_jax.tasks import get_task
+    heldout_file = tmp_path / "omega.jsonl"
+    heldout_file.write_text('{"question": "Solve 2*x = 4 for x.", "answer": "2"}\n')
+    algebra = get_task("algebra", data_path=str(heldout_file))
+    assert [q.text for q, _ in algebra.heldout_problems(1, 0)] == ["Solve 2*x = 4 for x."]
+    generated = algebra.training_problems(5, 7)
+    assert len(generated) == 5 and all(q.text.startswith("Solve ") for q, _ in generated)
+    assert "Solve 2*x = 4 for x." not in {q.text for q, _ in generated}
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text('{"question": "What is 6 * 7?", "answer": 42}\n')
+    arithmetic = get_task("arithmetic")
+    assert [(q.text, t) for q, t in arithmetic.training_problems(3, 0, path=str(train_file))] == [
+        ("What is 6 * 7?", "42")]
+    a, b = (6, 9), (2, 3)
+    family = get_task("arithmetic", heldout_a_range=a, heldout_b_range=b, question_template="{a}*{b}")
+    assert all(eval(q.text) == int(t) for q, t in family.training_problems(4, 1))
+    with pytest.raises(ValueError, match="rollout.dataset_path"):
+        get_task("coding").training_problems(2, 0)

@@ -1,5 +1,6 @@
 """End to end: self-play steps of every task on a tiny random model, checkpoints, resume, export, CLI."""
 import json
+import re
 import subprocess
 import sys
 
@@ -9,10 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sqlm_jax import rollout
 from sqlm_jax.learner import NonFiniteError, fetch
 from sqlm_jax.models import load_pretrained
+from sqlm_jax.plots.run_files import run_task_name
+from sqlm_jax.tokenizer import load_tokenizer
 from sqlm_jax.train import Trainer
-from tests.tiny_models import random_policy, tiny_run_config
+from tests.tiny_models import (arithmetic_script, random_policy, rewarded_run_config, scripted_sample,
+                               tiny_run_config)
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +54,30 @@ def test_arithmetic_run_logs_checkpoints_and_exports(policy_folder, tmp_path):
 
     assert json.loads((workdir / "summary.json").read_text()) == summary
     assert summary["task"] == "arithmetic" and summary["steps"] == 2
+    # What evaluating the export again needs: the task options and the held-out set, also in run.json
+    # (written at the start, where plots of a run in progress find the task).
+    run = json.loads((workdir / "run.json").read_text())
+    assert run["task"] == "arithmetic" and run["config"]["rollout"]["n"] == config.rollout.n
+    assert summary["task_options"] == run["task_options"] == {
+        k: v for k, v in config.task_options.items() if v is not None}
+    assert summary["eval"] == {"num_problems": 8, "seed": config.eval.seed, "max_new_tokens": 8,
+                               "max_prompt_len": 512, "problems": 8, "dropped_overlong": 0}
+    (workdir / "summary.json").unlink()
+    assert run_task_name(workdir) == "arithmetic"
     exported, _ = load_pretrained(summary["export_dir"])
     ids = jnp.arange(12)[None] % 50
     np.testing.assert_allclose(np.asarray(exported(ids)), np.asarray(trainer.model(ids)), atol=1e-6)
 
 
-def test_resume_is_bit_for_bit(policy_folder, tmp_path):
-    straight = Trainer(tiny_run_config(policy_folder, tmp_path / "a", steps=4))
+def test_resume_is_bit_for_bit(policy_folder, tmp_path, monkeypatch):
+    """On the scripted policy (half its answers rewarded) without weight decay; tests/test_distributed.py
+    resumes a run of the real sampler."""
+    monkeypatch.setattr(rollout, "sample", scripted_sample(load_tokenizer(policy_folder), arithmetic_script))
+    straight = Trainer(rewarded_run_config(policy_folder, tmp_path / "a", steps=4))
     straight.run()
-    first = Trainer(tiny_run_config(policy_folder, tmp_path / "b", steps=2))
+    first = Trainer(rewarded_run_config(policy_folder, tmp_path / "b", steps=2))
     first.run()
-    resumed_config = tiny_run_config(policy_folder, tmp_path / "b", steps=4)
+    resumed_config = rewarded_run_config(policy_folder, tmp_path / "b", steps=4)
     resumed_config.resume = True
     resumed = Trainer(resumed_config)
     resumed.run()
@@ -67,9 +85,12 @@ def test_resume_is_bit_for_bit(policy_folder, tmp_path):
     a, b = _params(straight), _params(resumed)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert int(straight.learner.state.step) == int(resumed.learner.state.step)
-    # and the run really trained: the weights moved away from the start
+    # and the run really trained: with no weight decay, only the rewarded answers' gradients can have
+    # moved the weights (4 steps of Adam with lr 1e-2, eps 1: ~ lr · gradient each)
     start, _ = load_pretrained(policy_folder)
-    assert not np.array_equal(np.asarray(start.embed[...]), a[("embed",)])
+    assert np.abs(np.asarray(start.embed[...]) - a[("embed",)]).max() > 1e-3
+    metrics = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["reward/solver"] for m in metrics if "reward/solver" in m] == [0.75] * 4
 
 
 def test_update_shortcuts_give_the_plain_first_update(policy_folder, tmp_path):
@@ -161,6 +182,53 @@ def test_other_tasks_run_two_steps(policy_folder, tmp_path, task):
     assert "reward/solver" in last
     if task == "coding":
         assert "solver/critic_value_loss" in last and any(k.startswith("sandbox/") for k in last)
+
+
+def test_critic_trains_on_the_proposer_batch_every_step(policy_folder, tmp_path):
+    """GAE: the critic's updates on the proposer batch, then the solver batch, every step; the actor's on
+    the solver batch, and on the proposer batch every proposer_update_freq (2) steps."""
+    config = tiny_run_config(policy_folder, tmp_path / "run")
+    config.rl.advantage, config.rl.use_kl = "gae", False
+    trainer = Trainer(config)
+    calls, update = [], trainer.learner.update
+
+    def recording(batch, *, actor=True, critic=True):
+        calls.append((batch.response_ids.shape[0], actor, critic))
+        return update(batch, actor=actor, critic=critic)
+
+    trainer.learner.update = recording
+    trainer.run()
+    # Proposer batch: 8 rows (one mini-batch); solver batch: 16 rows (two).
+    one_step = [(8, False, True), (16, False, True), (16, True, False)]
+    assert calls == one_step + one_step + [(8, True, False)]
+    assert int(trainer.learner.critic_state.step) == 2 * 3 and int(trainer.learner.state.step) == 2 * 2 + 1
+    steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = [s for s in steps if "reward/solver" in s][0]
+    assert "proposer/critic_value_loss" in first and "proposer/grad_norm" not in first
+
+
+def _labelled_script(prompt: str, row: int) -> str:
+    """Right on even rows, wrong on odd ones, for the held-out wording "... equation: a * b =" ."""
+    a, b = map(int, re.findall(r"(\d+) \* (\d+) =", prompt)[-1])
+    return f"<answer>{a * b + row % 2}</answer>"
+
+
+def test_dataset_questions_with_ground_truth_rewards(policy_folder, tmp_path, monkeypatch):
+    """The labelled-RL baseline: questions from the task's generator, none held out, scored against
+    their labels; the proposer is never trained."""
+    monkeypatch.setattr(rollout, "sample", scripted_sample(load_tokenizer(policy_folder), _labelled_script))
+    config = rewarded_run_config(policy_folder, tmp_path / "run")
+    config.rollout.question_source, config.reward.kind = "dataset", "ground_truth"
+    config.rollout.pregenerated_questions = 12
+    trainer = Trainer(config)
+    trainer.run()
+    pool = [p["text"] for p in trainer.rollouts.pool]
+    assert len(pool) == 12 and not set(pool) & trainer.heldout_texts
+    lines = [json.loads(l) for l in (tmp_path / "run" / "questions.jsonl").read_text().splitlines()]
+    assert [line["proposals"] for line in lines] == [pool[:8], pool[8:] + pool[:4]]
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["reward/solver"] for m in metrics if "reward/solver" in m] == [0.5, 0.5]
+    assert not any("proposer/grad_norm" in m for m in metrics)
 
 
 def _main(*args):

@@ -44,9 +44,16 @@ def read_summary(workdir: str | Path) -> dict:
 
 
 def run_task_name(workdir: str | Path) -> str:
-    """The task a run was made with, from its summary.json; a clear error where it has none, since
-    guessing the task from the proposals' wording would draw the wrong features without a word."""
+    """The task a run was made with, from its summary.json, or while it runs from the run.json it
+    wrote at its start; a clear error where neither names one, since guessing the task from the
+    proposals' wording would draw the wrong features without a word."""
     summary = read_summary(workdir)
+    if "task" not in summary:
+        try:
+            summary = json.loads((Path(workdir) / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            summary = {}
+        summary = summary if isinstance(summary, dict) else {}
     if summary.get("task") in TASKS:
         return summary["task"]
     why = (f"its summary.json names {summary['task']!r}, not one of {', '.join(sorted(TASKS))}"

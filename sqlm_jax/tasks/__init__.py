@@ -4,9 +4,10 @@
 config), e.g. ``get_task("algebra", data_path="omega_test.jsonl", normalize_answers=True)``.
 
 Known traps (SQLM_SPEC.md), handled here and documented where they bite:
-- an invalid proposal (algebra without "Selected Question", coding without "Test Cases:" or any
-  test, an empty arithmetic proposal) parses to None; whether it still enters the proposer loss
-  is the trainer's flag, not the task's;
+- a proposal off the format (algebra without "Selected Question", coding without "Test Cases:" or
+  any test, an empty arithmetic proposal) parses to None under the strict ``parse_question``;
+  ``reference_question`` is what the reference asks the solver instead (the whole proposal, or a
+  coding problem without tests); which one a run uses is the trainer's reward.invalid_proposals;
 - by default answers are voted on as exact strings ("05" != "5"), as in the reference;
   ``normalize_answers=True`` votes on exact rational values instead.
 """

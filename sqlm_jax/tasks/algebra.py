@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar
 
-from sqlm_jax.tasks.base import MathTask, Question, load_hub_records, load_records, sample
+from sqlm_jax.tasks.base import (MathTask, Question, load_hub_records, load_records, record_answer,
+                                 record_question, sample)
 from sqlm_jax.tasks.features import (MAJORITY_AGREEMENT_PANEL, FeaturePanel, operand_digits, variables,
                                      word_count)
 
@@ -92,25 +93,6 @@ def linear_equation_problems(n: int, seed: int) -> list[tuple[str, Fraction]]:
     ]
 
 
-def _record_question(record: dict) -> str:
-    """The problem text of an OMEGA row (``messages``) or of a flat {question|problem|prompt} row."""
-    for key in ("question", "problem", "prompt"):
-        if isinstance(record.get(key), str):
-            return record[key]
-    messages = record.get("messages") or record.get("prompt") or []
-    user = [m["content"] for m in messages if m.get("role") == "user"]
-    if not user:
-        raise ValueError(f"row has no question/problem/prompt text or user message: keys {sorted(record)}")
-    return user[-1]
-
-
-def _record_answer(record: dict) -> str:
-    for key in ("answer", "ground_truth", "solution"):
-        if key in record:
-            return str(record[key])
-    raise ValueError(f"row has no answer/ground_truth/solution field: keys {sorted(record)}")
-
-
 @dataclass
 class AlgebraTask(MathTask):
     """Linear-equation self-play; reward by majority vote.
@@ -149,7 +131,14 @@ class AlgebraTask(MathTask):
             records = load_records(self.data_path)
         else:
             records = load_hub_records(self.dataset, self.dataset_config, self.dataset_split)
-        return [(Question(_record_question(r)), _record_answer(r)) for r in sample(records, n, seed)]
+        return [(Question(record_question(r)), record_answer(r)) for r in sample(records, n, seed)]
+
+    def training_problems(self, n: int, seed: int, path: str | None = None) -> list[tuple[Question, str]]:
+        """Labelled training questions: rows of the file at ``path`` (as ``data_path`` reads them), else
+        the generator's (never ``data_path`` or ``dataset``, which hold the held-out problems)."""
+        if path is not None:
+            return [(Question(record_question(r)), record_answer(r)) for r in sample(load_records(path), n, seed)]
+        return [(Question(text), str(value)) for text, value in linear_equation_problems(n, seed)]
 
     def question_features(self, question: Question) -> dict[str, float]:
         """variables: distinct letters used as variables; equations: "=" signs; numbers: their count;

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
-from sqlm_jax.tasks.base import MathTask, Question
+from sqlm_jax.tasks.base import MathTask, Question, load_records, record_answer, record_question, sample
 from sqlm_jax.tasks.features import (MAJORITY_AGREEMENT_PANEL, OPERATORS, FeaturePanel, numbers,
                                      operand_digits, operator_counts)
 
@@ -98,6 +98,14 @@ class ArithmeticTask(MathTask):
             (Question(self.question_template.format(a=a, b=b)), str(a * b))
             for a, b in multiplication_pairs(n, seed, self.heldout_a_range, self.heldout_b_range)
         ]
+
+    def training_problems(self, n: int, seed: int, path: str | None = None) -> list[tuple[Question, str]]:
+        """Labelled training questions: rows of the file at ``path`` ({question, answer} fields), else
+        the held-out generator's family drawn with another ``seed`` (the trainer drops the problems
+        that are held-out ones)."""
+        if path is not None:
+            return [(Question(record_question(r)), record_answer(r)) for r in sample(load_records(path), n, seed)]
+        return self.heldout_problems(n, seed)
 
     def question_features(self, question: Question) -> dict[str, float]:
         """digits_a / digits_b / digits_max: digits of the 1st / 2nd / largest number; product_digits:

@@ -44,6 +44,10 @@ class Task(Protocol):
     (verl fork, ray_trainer.py, the proposer_parser_version branches of ``fit``): the default
     ``reward.invalid_proposals="reference"`` uses it, ``"mask"`` drops what ``parse_question`` rejects.
 
+    ``training_problems`` are labelled questions for the dataset baselines
+    (``rollout.question_source="dataset"``): from a file at ``path``, else the task's generator, never
+    its held-out source (the trainer also drops any whose text is a held-out question's).
+
     ``question_features`` maps a question to a fixed set of named difficulty measures (operand
     digits, operators, variables, test cases, length ...): the same keys for every question of the
     task, zeros where a question has none of a thing. ``curriculum_panels`` names which of them the
@@ -65,6 +69,8 @@ class Task(Protocol):
     def parse_answer(self, text: str) -> str | None: ...
 
     def heldout_problems(self, n: int, seed: int) -> list[tuple[Question, Any]]: ...
+
+    def training_problems(self, n: int, seed: int, path: str | None = None) -> list[tuple[Question, Any]]: ...
 
     def score(self, response: str, truth: Any) -> float: ...
 
@@ -132,6 +138,26 @@ def load_records(path: str) -> list[dict]:
             raise ImportError(f"reading {path!r} needs pyarrow (pip install pyarrow), or convert it to .jsonl") from e
         return pq.read_table(file).to_pylist()
     raise ValueError(f"data_path {path!r}: unsupported extension {suffix!r}; use .jsonl, .json or .parquet")
+
+
+def record_question(record: dict) -> str:
+    """The problem text of an OMEGA row (``messages``) or of a flat {question|problem|prompt} row."""
+    for key in ("question", "problem", "prompt"):
+        if isinstance(record.get(key), str):
+            return record[key]
+    messages = record.get("messages") or record.get("prompt") or []
+    user = [m["content"] for m in messages if m.get("role") == "user"]
+    if not user:
+        raise ValueError(f"row has no question/problem/prompt text or user message: keys {sorted(record)}")
+    return user[-1]
+
+
+def record_answer(record: dict) -> str:
+    """The answer of a labelled row, as a string."""
+    for key in ("answer", "ground_truth", "solution"):
+        if key in record:
+            return str(record[key])
+    raise ValueError(f"row has no answer/ground_truth/solution field: keys {sorted(record)}")
 
 
 def load_hub_records(dataset: str, config: str | None, split: str) -> list[dict]:

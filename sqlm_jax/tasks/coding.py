@@ -168,6 +168,15 @@ class CodingTask:
             records = [r for r in records if self.data_source in r.get("data_source", self.data_source)]
         return [(Question(_problem_statement(r)), _record_tests(r)) for r in sample(records, n, seed)]
 
+    def training_problems(self, n: int, seed: int, path: str | None = None
+                          ) -> list[tuple[Question, tuple[tuple[str, str], ...]]]:
+        """Labelled training problems from a Eurus-2 RL file at ``path`` (every data source kept); there
+        is no generator of coding problems."""
+        if path is None:
+            raise ValueError("the coding task has no problem generator: set rollout.dataset_path to a "
+                             "Eurus-2 RL file of training problems")
+        return [(Question(_problem_statement(r)), _record_tests(r)) for r in sample(load_records(path), n, seed)]
+
     def score(self, response: str, truth: tuple[tuple[str, str], ...]) -> float:
         """Fraction of the ground-truth tests the response's program passes (0.0 without a program)."""
         program = self.parse_answer(response)

@@ -1,0 +1,83 @@
+"""Applies one-line bugs to the reward-to-update path one at a time, runs the tests that should catch
+each, restores the file, and prints which were caught (issues 13 and 14). Not a test itself:
+
+    python tests/mutation_check.py [NAME ...]     # all of them, or the named ones
+
+Each mutation is (name, file, the exact text, its replacement, the tests to run); a mutation whose
+text is no longer in the file is reported as stale rather than silently passing.
+"""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROLLOUT, LEARNER, TRAIN = "sqlm_jax/rollout.py", "sqlm_jax/learner.py", "sqlm_jax/train.py"
+EVALUATE = "sqlm_jax/evaluate.py"
+E2E = "tests/test_reward_to_update.py"
+MODES = "tests/test_rollout.py"
+
+MUTATIONS = [
+    ("advantage sign flipped", LEARNER, "sequence = rl.grpo_advantages(rewards, rl_cfg.grpo_eps)",
+     "sequence = -rl.grpo_advantages(rewards, rl_cfg.grpo_eps)", [E2E + "::test_rewards_advantages_and_first_update_by_hand"]),
+    ("GRPO groups misaligned in the learner", LEARNER, "rl.grpo_advantages(rewards, rl_cfg.grpo_eps)",
+     "rl.grpo_advantages(rewards.reshape(rewards.shape[1], -1), rl_cfg.grpo_eps).reshape(rewards.shape)",
+     [E2E + "::test_rewards_advantages_and_first_update_by_hand"]),
+    ("GRPO groups misaligned in the rollout", ROLLOUT, "rewards=proposer_r.reshape(-1, n)",
+     "rewards=proposer_r.reshape(n, -1)", [E2E + "::test_rewards_advantages_and_first_update_by_hand"]),
+    ("row mask dropped", LEARNER, "mask = response_mask & row_mask[:, None]", "mask = response_mask",
+     [E2E + "::test_gae_places_the_outcome_on_the_last_token_and_whitens_the_rows_in_the_loss"]),
+    ("invalid questions' solver rewards not zeroed", ROLLOUT,
+     "solver_r, proposer_r = solver_r * valid[:, None], proposer_r * valid", "pass", [MODES]),
+    ("invalid answers kept in the solver loss", ROLLOUT, "row_mask=np.repeat(valid, n)",
+     "row_mask=np.repeat(np.ones_like(valid), n)", [MODES]),
+    ("invalid_proposals='mask' ignored", ROLLOUT,
+     'keep = valid if self.config.reward.invalid_proposals == "mask" else np.ones_like(valid)',
+     "keep = np.ones_like(valid)", [MODES]),
+    ("invalid_proposals='reference' treated as strict", ROLLOUT,
+     'if self.config.reward.invalid_proposals == "reference":', "if False:", [MODES]),
+    ("long solver prompts not truncated", ROLLOUT, "return [p[-limit:] for p in", "return [p for p in", [MODES]),
+    ("the empty program run for a response without one", ROLLOUT,
+     "if p is not None and len(tests[i // n])]", "if len(tests[i // n])]", [MODES]),
+    ("GAE outcome on the first response token", "sqlm_jax/rl.py",
+     "last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)", "last = jnp.zeros(mask.shape[0], jnp.int32)",
+     [E2E + "::test_gae_places_the_outcome_on_the_last_token_and_whitens_the_rows_in_the_loss"]),
+    ("reference log-probs from the current policy", LEARNER,
+     "flat(batch_logprobs(self.graphdef, ref_params, micro))", "flat(batch_logprobs(self.graphdef, params, micro))",
+     [E2E + "::test_rewards_advantages_and_first_update_by_hand"]),
+    ("critic trained on proposals only on proposer steps", TRAIN,
+     "for role, r in rollouts.items() if actor[role] or has_critic})",
+     "for role, r in rollouts.items() if actor[role]})",
+     ["tests/test_train.py::test_critic_trains_on_the_proposer_batch_every_step"]),
+    ("critic on the solver batch before the proposer's", TRAIN,
+     'for role in ("proposer", "solver"):\n                if has_critic',
+     'for role in ("solver", "proposer"):\n                if has_critic',
+     ["tests/test_train.py::test_critic_trains_on_the_proposer_batch_every_step"]),
+    ("overlong held-out prompts kept", EVALUATE, "if length <= max_len]", "]",
+     ["tests/test_evaluate_cli.py::test_overlong_heldout_prompts_are_dropped_and_counted"]),
+    ("dataset pool includes held-out problems", ROLLOUT, "for q, truth in problems if q.text not in heldout]",
+     "for q, truth in problems]", [MODES + "::test_dataset_pool_leaves_out_the_heldout_problems"]),
+]
+
+
+def check(name, file, old, new, tests) -> str:
+    path = ROOT / file
+    text = path.read_text()
+    if text.count(old) != 1:
+        return "stale (text not found once)"
+    path.write_text(text.replace(old, new))
+    try:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                             cwd=ROOT, capture_output=True, text=True)
+    finally:
+        path.write_text(text)
+    return "caught" if run.returncode else "NOT CAUGHT"
+
+
+if __name__ == "__main__":
+    wanted = set(sys.argv[1:])
+    for name, file, old, new, tests in MUTATIONS:
+        if wanted and name not in wanted:
+            continue
+        start = time.time()
+        print(f"{check(name, file, old, new, tests):>28}  {name}  ({time.time() - start:.0f} s)", flush=True)

@@ -1,0 +1,155 @@
+"""From rewards to the update, end to end, on a policy with known answers (issue 13): the scripted
+sampler's proposals and answers give known rewards; the learner's advantages, old and reference
+log-probs and the first optimizer update are checked against the same quantities computed here by
+hand, from the model's plain forward pass."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sqlm_jax import rollout
+from sqlm_jax.tokenizer import load_tokenizer
+from sqlm_jax.train import Trainer
+from tests.tiny_models import random_policy, rewarded_run_config, scripted_sample
+
+# B = 2 rows of n = 4 proposals "2*3" … "9*3" (equal lengths, so every loss aggregation over the one
+# chunk of 8 sequences is the same token mean). Question q gets 4 answers: the REWARDED ones two
+# agreeing, one other, one unparsed (k = 2: proposer band 2 <= k < 4, solver [1, 1, 0, 0]); the others
+# four agreeing (k = 4: proposer 0, solver [1, 1, 1, 1]).
+REWARDED = {0, 4, 5, 7}
+PROPOSER_REWARDS = [[1, 0, 0, 0], [1, 1, 0, 1]]
+# GRPO: row 0 mean .25, std (n-1) .5; row 1 mean .75, std .5.
+PROPOSER_ADVANTAGES = [[1.5, -0.5, -0.5, -0.5], [0.5, 0.5, -1.5, 0.5]]
+
+
+def script(prompt: str, row: int) -> str:
+    if "Let's think step by step" not in prompt:
+        return f"{row + 2}*3"
+    question, j = row // 4, row % 4
+    if question in REWARDED:
+        return ["<answer>6</answer>", "<answer>6</answer>", "<answer>7</answer>", "no answer"][j]
+    return "<answer>6</answer>"
+
+
+@pytest.fixture(scope="module")
+def policy_folder(tmp_path_factory):
+    return random_policy(tmp_path_factory.mktemp("policy") / "model")
+
+
+def _trainer(policy_folder, tmp_path, monkeypatch, **rl):
+    monkeypatch.setattr(rollout, "sample", scripted_sample(load_tokenizer(policy_folder), script))
+    c = rewarded_run_config(policy_folder, tmp_path / "run")
+    c.rollout.batch_size, c.rollout.n, c.rl.mini_batch_size = 2, 4, 2  # the proposer batch: one update
+    # The gradient norm is ~1: clipping at 0.5 is active, so the update depends on it too.
+    c.rl.kl_coef, c.optim.lr, c.optim.grad_clip = 0.05, 1e-3, 0.5
+    c.rl.update(rl)
+    return Trainer(c)
+
+
+def _scored(trainer):
+    policy, rollouts = trainer.learner.policy, trainer.rollouts
+    proposer = rollouts.questions(policy, 0)
+    return rollouts.score(proposer, rollouts.solve(policy, 0, proposer))
+
+
+def _hand_logprobs(graphdef, params, sample):
+    """log p(response token) `[N, R]` from one plain forward pass over prompt + response."""
+    prompt, prompt_mask = jnp.asarray(sample.prompt_tokens), jnp.asarray(sample.prompt_mask)
+    tokens, mask = jnp.asarray(sample.tokens), jnp.asarray(sample.mask)
+    ids, full_mask = jnp.concatenate([prompt, tokens], 1), jnp.concatenate([prompt_mask, mask], 1)
+    logits = nnx.merge(graphdef, params)(ids, full_mask)[:, prompt.shape[1] - 1:-1]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
+    return jnp.where(mask, logp, 0.0)
+
+
+def test_rewards_advantages_and_first_update_by_hand(policy_folder, tmp_path, monkeypatch):
+    trainer = _trainer(policy_folder, tmp_path, monkeypatch)
+    learner, c = trainer.learner, trainer.config
+    proposer, solver = _scored(trainer)
+    np.testing.assert_array_equal(proposer.rewards, PROPOSER_REWARDS)
+    np.testing.assert_array_equal(solver.rewards, [[1, 1, 0, 0] if q in REWARDED else [1] * 4 for q in range(8)])
+
+    # A reference apart from the current weights, so the KL term and its gradient are not zero.
+    graphdef, params = learner.policy
+    start = jax.tree.map(np.asarray, params)
+    noise = jax.random.split(jax.random.key(1), len(jax.tree.leaves(params)))
+    learner.ref_params = jax.tree.unflatten(jax.tree.structure(params), [
+        x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(jax.tree.leaves(params), noise)])
+    batch = learner.batch(proposer.sample, proposer.row_mask, proposer.rewards)
+
+    mask = np.asarray(proposer.sample.mask)
+    assert (mask.sum(1) == 4).all()  # "k*3" and the stop token
+    # Each row's GRPO advantage on every token of its response, 0 on padding.
+    np.testing.assert_allclose(batch.advantages, np.ravel(PROPOSER_ADVANTAGES)[:, None] * mask, rtol=1e-5)
+    old = _hand_logprobs(graphdef, params, proposer.sample)
+    ref = _hand_logprobs(graphdef, learner.ref_params, proposer.sample)
+    np.testing.assert_allclose(batch.old_logp, old, atol=2e-5)
+    np.testing.assert_allclose(batch.ref_logp, ref, atol=2e-5)
+    assert np.abs(np.asarray(ref - old)).max() > 0.05  # the reference really is the frozen other one
+
+    # The loss by hand at the current weights: PPO at ratio 1 (no clip active) and k3 to the reference.
+    advantages = jnp.asarray(batch.advantages)
+
+    def loss(p):
+        logp = _hand_logprobs(graphdef, p, proposer.sample)
+        d = ref - logp
+        per_token = -advantages * jnp.exp(logp - old) + c.rl.kl_coef * (jnp.exp(d) - d - 1)
+        return jnp.sum(jnp.where(mask, per_token, 0.0)) / mask.sum()
+
+    grads = jax.grad(loss)(params)
+    norm = math.sqrt(sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)))
+    assert norm > c.optim.grad_clip
+    clipped = jax.tree.map(lambda g: g * min(1.0, c.optim.grad_clip / norm), grads)
+    # Adam's first step is -lr · g / (|g| + eps) (m̂ = g, v̂ = g²); no weight decay.
+    expected = jax.tree.map(lambda g: -c.optim.lr * g / (jnp.abs(g) + c.optim.eps), clipped)
+    metrics = {k: float(np.mean(v)) for k, v in learner.update(batch).items()}
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    moved = jax.tree.map(lambda new, old: np.asarray(new) - old, learner.state.params, start)
+    for (path, got), want, before in zip(jax.tree_util.tree_leaves_with_path(moved), jax.tree.leaves(expected),
+                                         jax.tree.leaves(start)):
+        # float32 resolves a change of a weight w to about 6e-8 · |w|
+        resolution = 2.4e-7 * float(np.abs(before).max())
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * float(jnp.abs(want).max()) + resolution,
+                                   err_msg=jax.tree_util.keystr(path))
+
+    # The effect on the sequences: the rewarded proposals gained log-probability, the others lost it,
+    # each by its first-order amount ∇ log p · Δθ.
+    sequence = lambda p: _hand_logprobs(graphdef, p, proposer.sample).sum(axis=1)
+    before = jax.tree.map(jnp.asarray, start)  # `params` were donated to the update
+    change = np.asarray(sequence(learner.state.params) - sequence(before))
+    jacobian = jax.jacrev(sequence)(before)  # [8, *shape] per weight (the MLP has no forward-mode rule)
+    first_order = sum(np.tensordot(np.asarray(j), np.asarray(e), e.ndim)
+                      for j, e in zip(jax.tree.leaves(jacobian), jax.tree.leaves(expected)))
+    np.testing.assert_allclose(change, first_order, rtol=0.02, atol=0.01 * np.abs(first_order).max())
+    rewarded = np.ravel(PROPOSER_ADVANTAGES) > 0
+    assert change[rewarded].min() > 0 > change[~rewarded].max(), change
+    assert np.abs(change).max() > 1e-3
+
+
+def test_gae_places_the_outcome_on_the_last_token_and_whitens_the_rows_in_the_loss(
+        policy_folder, tmp_path, monkeypatch):
+    trainer = _trainer(policy_folder, tmp_path, monkeypatch, advantage="gae", use_kl=False)
+    learner = trainer.learner
+    # The value head starts at zero; a constant head makes the values, and so R - V, differ by token.
+    state = learner.critic_state
+    learner.critic_state = state.replace(params=jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 if "value_head" in jax.tree_util.keystr(path) else x, state.params))
+    proposer, _ = _scored(trainer)
+    rewards = np.ravel(PROPOSER_REWARDS).astype(np.float32)
+    for row_mask in (np.ones(8, bool), np.array([1, 1, 0, 1, 1, 1, 0, 1], bool)):  # reference / mask
+        batch = learner.batch(proposer.sample, row_mask, proposer.rewards)
+        mask = np.asarray(proposer.sample.mask) & row_mask[:, None]
+        np.testing.assert_array_equal(batch.response_mask, mask)  # rows out of the loss are out
+        values = np.asarray(batch.old_values)
+        assert np.abs(values[mask]).max() > 0
+        # gamma = lambda = 1, the reward R on the last token: the return of every token is R, its
+        # advantage R - V(t); whitened over the tokens in the loss (unbiased variance).
+        raw = (rewards[:, None] - values)[mask]
+        whitened = (raw - raw.mean()) / np.sqrt(raw.var(ddof=1) + 1e-8)
+        np.testing.assert_allclose(np.asarray(batch.advantages)[mask], whitened, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(batch.returns)[mask], np.broadcast_to(rewards[:, None], mask.shape)[mask],
+                                   atol=1e-6)
+        assert not np.asarray(batch.advantages)[~mask].any()
