@@ -164,7 +164,8 @@ def evaluate_config(config, model_path: str, *, num_problems: int | None = None,
 def _cli() -> None:
     from absl import app, flags, logging
 
-    from sqlm_jax.main import _CONFIG, _parse_flags  # the training command's --config, resolved alike
+    from sqlm_jax.configs import parse_flags
+    from sqlm_jax.main import _CONFIG  # the training command's --config flag (and its overrides)
 
     flags.DEFINE_string("model", None, "HF folder (or hub id) of the model to evaluate, e.g. a run's export")
     flags.DEFINE_integer("num_problems", None, "held-out problems (default: the config's eval.num_problems)")
@@ -190,7 +191,7 @@ def _cli() -> None:
             print(f"{name}: {value:.4f}  (95% bootstrap interval {low:.4f} - {high:.4f})")
         print(f"responses: {out['output']}")
 
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

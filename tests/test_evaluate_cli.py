@@ -43,6 +43,19 @@ def test_cli_reproduces_the_runs_final_greedy_accuracy(tmp_path):
         assert re.search(rf"^{re.escape(metric)}: [0-9.]+  \(95% bootstrap interval", out.stdout, re.M), out.stdout
     assert "48 held-out problems (0 dropped" in out.stdout
 
+    # The README's snippet: the run's task options and held-out set from its summary.json.
+    snippet = f"""import json
+from sqlm_jax.evaluate import evaluate; from sqlm_jax.models import load_pretrained
+from sqlm_jax.tasks import get_task; from sqlm_jax.tokenizer import load_tokenizer
+s = json.load(open("{workdir}/summary.json")); task = get_task(s["task"], **s["task_options"])
+model, _ = load_pretrained("{workdir}/export"); tokenizer = load_tokenizer("{workdir}/export")
+print(evaluate(model, tokenizer, task, task.heldout_problems(s["eval"]["num_problems"], s["eval"]["seed"]), max_new_tokens=s["eval"]["max_new_tokens"]))
+"""
+    readme = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert readme.returncode == 0, readme.stderr[-3000:]
+    assert float(readme.stdout.split()[-1]) == pytest.approx(summary["final_accuracy"], abs=1e-6)
+
 
 def test_cli_user_errors_are_one_line():
     out = subprocess.run([sys.executable, "-m", "sqlm_jax.evaluate", "--config=configs/tiny.py"],
