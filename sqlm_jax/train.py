@@ -90,7 +90,9 @@ class Trainer:
         self.workdir = Workdir(c.workdir, mirror=c.workdir_mirror)
         if c.resume:
             self.workdir.pull()
-        self.log = RunLog(self.workdir.local, enabled=jax.process_index() == 0)
+        self.log = RunLog(self.workdir.local, enabled=jax.process_index() == 0,
+                          wandb_project=c.log.wandb_project, wandb_table_every=c.log.wandb_table_every,
+                          config=c.to_dict())
         self.checkpointer = Checkpointer(self.workdir.checkpoints, keep=c.checkpoint.keep)
         heldout = self.task.heldout_problems(c.eval.num_problems, c.eval.seed)
         self.heldout_texts = {q.text for q, _ in heldout}  # kept out of a dataset run's questions

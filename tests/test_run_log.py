@@ -38,3 +38,18 @@ def test_wandb_offline_gets_the_scalars_and_a_table_of_samples(tmp_path, monkeyp
     assert run.name.endswith(run_id), "a resumed run continues the same W&B run"
     RunLog(str(tmp_path), wandb_project="sqlm-test").close()
     assert (tmp_path / "wandb_run_id").read_text() == run_id
+
+
+def test_a_run_with_wandb_project_logs_to_wandb(tmp_path, monkeypatch):
+    """The config field reaches the run: two tiny steps with log.wandb_project set, offline."""
+    pytest.importorskip("wandb")
+    from sqlm_jax.train import Trainer
+    from tests.tiny_models import random_policy, tiny_run_config
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = tiny_run_config(random_policy(tmp_path / "model"), tmp_path / "run")
+    config.log.wandb_project, config.log.wandb_table_every, config.export = "sqlm-test", 1, False
+    Trainer(config).run()
+    (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert b"reward/solver" in next(run.glob("run-*.wandb")).read_bytes()
+    assert len(list((run / "files" / "media" / "table").glob("samples_*.table.json"))) == 2
