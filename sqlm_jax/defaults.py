@@ -124,6 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
         "sampled_problems": 0,       # ... on the first this many held-out problems (0 = all of them)
     })
     c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 3})
-    c.log = ml_collections.ConfigDict({"samples": 4})  # question/answer examples logged per step
+    c.log = ml_collections.ConfigDict({
+        "samples": 4,                      # question/answer examples logged per step
+        "wandb_project": placeholder(str),  # also log to Weights & Biases (pip install 'sqlm_jax[wandb]')
+        "wandb_table_every": 10,           # steps between W&B tables of sampled questions and answers
+    })
     c.export = True                  # write an HF folder of the final policy to workdir/export
     return c
