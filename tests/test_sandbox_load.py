@@ -75,7 +75,7 @@ def test_thousands_of_mixed_programs_leave_nothing_behind():
             assert result == alone[kind], (kind, result)
         else:
             assert result.fraction == 0.0, (kind, result)
-    deadline = time.monotonic() + 5.0  # killed processes take a moment to be reaped
+    deadline = time.monotonic() + 20.0  # killed processes take a moment to be reaped (longer under load)
     while _descendants(os.getpid()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _descendants(os.getpid()) == [], "sandbox processes outlived run_many"
