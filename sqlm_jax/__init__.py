@@ -28,12 +28,14 @@ Modules, one line each:
   plan         per-device memory plan; plots, run_log, checkpoints, workdir: a run's outputs
 
 One step (Trainer.self_play_step), each phase one call and one timer `time/<phase>`:
-  propose   topic prompt ─sample [B·n]─▶ proposals ─task.parse_question─▶ questions   (Rollouts.questions)
+  propose   topic prompt ─sample [B·n]─▶ proposals ─task.reference_question (or the strict parse_question,
+            reward.invalid_proposals)─▶ questions                                    (Rollouts.questions)
   solve     questions ─solver_prompts─▶ ─sample n each─▶ answers [Q·n]                  (Rollouts.solve)
   score     answers ─parse / sandbox─▶ ─rewards.reward_fn─▶ solver [Q, n], proposer [B, n]
                                                                                         (Rollouts.score)
   logprobs  per role: prompts placed, responses left on the device ─one jit─▶ old and
             reference log-probs (or critic values) ─▶ advantages                       (Learner.batch)
-  update    solver every step, proposer every rl.proposer_update_freq ─one jit each─▶ new state;
+  update    with GAE the critic on both batches every step; the actor on the solver batch every step,
+            on the proposer's every rl.proposer_update_freq ─one jit each─▶ new state;
             every role's metrics fetched in one transfer               (Learner.update, learner.fetch)
 """
