@@ -11,6 +11,7 @@ _CHOICES = {
     "rollout.question_source": ("online", "pregenerated", "dataset"),
     "rl.advantage": ("grpo", "gae"),
     "rl.kl_kind": ("k1", "k2", "k3"),
+    "rl.loss_agg": ("reference", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
     "optim.schedule": ("constant", "cosine"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
@@ -62,6 +63,9 @@ def validate(config, num_batch_devices: int | None = None) -> None:
     if mini_sequences % rl.micro_batch_size:
         raise ConfigError(f"rl.micro_batch_size={rl.micro_batch_size} must divide the "
                           f"{mini_sequences} sequences of a mini-batch (rl.mini_batch_size × rollout.n)")
+    if rl.loss_agg_chunk < 1 or rl.logits_chunk_mib <= 0:
+        raise ConfigError(f"rl.loss_agg_chunk={rl.loss_agg_chunk} must be >= 1 and "
+                          f"rl.logits_chunk_mib={rl.logits_chunk_mib} positive")
     if num_batch_devices and rl.micro_batch_size % num_batch_devices:
         raise ConfigError(f"rl.micro_batch_size={rl.micro_batch_size} must be a multiple of the "
                           f"{num_batch_devices} devices the batch is split over (mesh data × fsdp)")

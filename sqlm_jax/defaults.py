@@ -85,6 +85,13 @@ def base_config() -> ml_collections.ConfigDict:
         "ppo_epochs": 1,
         "mini_batch_size": 32,       # prompt rows per optimizer update (× n sequences)
         "micro_batch_size": 16,      # sequences per gradient-accumulation step (memory knob only)
+        # How per-token losses become a mini-batch's loss (train_step.loss_weights): reference (token
+        # mean within fixed chunks of loss_agg_chunk sequences, averaged over chunks, as verl's
+        # micro-batches of 8) | token-mean (one over the mini-batch) | seq-mean-token-mean |
+        # seq-mean-token-sum (Dr. GRPO's). Fixed chunks: the memory micro-batch never changes the loss.
+        "loss_agg": "reference",
+        "loss_agg_chunk": 8,
+        "logits_chunk_mib": 128.0,   # MiB of float32 logits the loss builds at once (memory knob only)
         # Speed knobs; neither changes the loss. shared_prompt_pass: the samples of one prompt share one
         # pass over it in the update and the log-prob passes. reuse_sampler_logprobs: the old log-probs
         # are the sampler's own (same weights) instead of a forward pass, when sampling at temperature

@@ -26,7 +26,7 @@ import optax
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax import rl
 from sqlm_jax.sampling import SampleOutput
-from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, batch_logprobs, batch_values,
+from sqlm_jax.train_step import (LossAgg, LossConfig, RoleBatch, TrainState, batch_logprobs, batch_values,
                                  make_optimizer, policy_loss_fn, train_step, value_loss_fn)
 
 
@@ -117,7 +117,7 @@ class Learner:
         shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
         state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
                         out_shardings=shardings)(params)
-        step = functools.partial(train_step, loss_fn=loss_fn, tx=tx)
+        step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, agg=LossAgg.from_config(self.config.rl))
         update = jax.jit(functools.partial(self._update_fn, step=step), donate_argnums=0,
                          out_shardings=(shardings, None))
         return state, update
@@ -185,9 +185,10 @@ class Learner:
         micro, mask = self._micro_batches(batch, -1), batch.response_mask
         flat = lambda x: x.reshape(mask.shape)
         zeros = jnp.zeros(mask.shape, jnp.float32)
-        old = (flat(batch_logprobs(self.graphdef, params, micro)) if sampler_logprobs is None
+        logprobs = lambda p: flat(batch_logprobs(self.graphdef, p, micro, self.config.rl.logits_chunk_mib))
+        old = (logprobs(params) if sampler_logprobs is None
                else jnp.where(mask, sampler_logprobs, 0.0))
-        ref = zeros if ref_params is None else flat(batch_logprobs(self.graphdef, ref_params, micro))
+        ref = zeros if ref_params is None else logprobs(ref_params)
         values = zeros if critic_params is None else flat(batch_values(self.critic_graphdef, critic_params, micro))
         rl_cfg = self.config.rl
         if rl_cfg.advantage == "grpo":

@@ -230,6 +230,7 @@ def ppo_policy_loss(
     *,
     clip_eps: float = 0.2,
     dual_clip_c: float = 3.0,
+    weights: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
     """PPO clipped surrogate with dual clip (verl's compute_policy_loss).
 
@@ -244,6 +245,8 @@ def ppo_policy_loss(
       mask: [N, R].
       clip_eps: PPO clip epsilon.
       dual_clip_c: dual-clip bound, must be > 1.
+      weights: [N, R] per-token weights of loss_sum (train_step.loss_weights, the loss aggregation);
+        None: 1 per token. The metrics stay plain sums.
 
     Returns:
       (loss_sum, token_count, metrics): loss = loss_sum / token_count. metrics are sums over valid
@@ -265,7 +268,7 @@ def ppo_policy_loss(
         "pg_clipfrac_lower": masked_sum(((loss_ppo > loss_dual) & negative).astype(jnp.float32), mask),
         "ppo_kl": masked_sum(-log_ratio, mask),
     }
-    return masked_sum(losses, mask), token_count(mask), metrics
+    return masked_sum(losses if weights is None else losses * weights, mask), token_count(mask), metrics
 
 
 def kl_penalty(logp: jnp.ndarray, ref_logp: jnp.ndarray, kind: str = "k3") -> jnp.ndarray:
@@ -300,6 +303,7 @@ def value_loss(
     returns: jnp.ndarray,
     mask: jnp.ndarray,
     clip: float = 0.5,
+    weights: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
     """Clipped value loss (verl's compute_value_loss): 0.5 * max((V - R)^2, (V_clipped - R)^2).
 
@@ -312,6 +316,7 @@ def value_loss(
       returns: [N, R] targets (from `gae_advantages`).
       mask: [N, R].
       clip: value clip range (0.5 in the reference).
+      weights: [N, R] per-token weights of loss_sum, as in `ppo_policy_loss`.
 
     Returns:
       (loss_sum, token_count, metrics) with metrics {"vf_clipfrac": count of tokens where the clipped
@@ -322,4 +327,4 @@ def value_loss(
     loss_clipped = jnp.square(clipped - returns)
     losses = 0.5 * jnp.maximum(loss_unclipped, loss_clipped)
     metrics = {"vf_clipfrac": masked_sum((loss_clipped > loss_unclipped).astype(jnp.float32), mask)}
-    return masked_sum(losses, mask), token_count(mask), metrics
+    return masked_sum(losses if weights is None else losses * weights, mask), token_count(mask), metrics
