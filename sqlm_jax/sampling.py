@@ -59,6 +59,9 @@ class SamplingParams:
     n: int = 1
     stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
+    # Rows decoded at once (0: all N). Fewer than N: slots refill as rows stop (sqlm_jax.refill), so
+    # memory holds W rows' cache and the work follows the tokens generated. Never changes the tokens.
+    rows_in_flight: int = 0
 
     def __post_init__(self):
         problems = []
@@ -72,6 +75,8 @@ class SamplingParams:
             problems.append(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
         if self.n < 1:
             problems.append(f"n={self.n} must be at least 1")
+        if self.rows_in_flight < 0:
+            problems.append(f"rows_in_flight={self.rows_in_flight} must be >= 0 (0 = every row at once)")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -104,7 +109,7 @@ class DecodeState(NamedTuple):
     kv_mask: jax.Array       # [N, T] bool: real prompt slots and all response slots
     prefix: list[LayerCache]  # per layer, the prompts' keys [B, K, H, P] and values, shared by n rows each
     cache: list[LayerCache]  # per layer, the responses' keys [N, K, H, S] and values [N, K, S, H], S < R
-    key: jax.Array           # PRNG key; step t draws with fold_in(key, t)
+    keys: jax.Array          # [N] PRNG keys, row i's fold_in(key, i) (`draw`)
 
 
 def bucket_length(length: int) -> int:
@@ -138,8 +143,9 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
-    """One token per row from `logits[N, V]`: argmax at temperature 0, else temperature, top-k, top-p."""
+def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> jax.Array:
+    """One token per row from `logits[N, V]`: argmax at temperature 0, else temperature, top-k, top-p;
+    row i's randomness from its own `keys[i]`, so it does not depend on the other rows."""
     if params.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / params.temperature
@@ -151,14 +157,28 @@ def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams) -> 
     # Gumbel-max trick with one logarithm per token instead of two; sampling was ~9% of decoding on CPU).
     # p is left unnormalized (argmax does not care) and tiny keeps E_i > 0.
     probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    race = -jnp.log(jax.random.uniform(key, logits.shape, minval=jnp.finfo(jnp.float32).tiny))
+    uniform = lambda key: jax.random.uniform(key, logits.shape[-1:], minval=jnp.finfo(jnp.float32).tiny)
+    race = -jnp.log(jax.vmap(uniform)(keys))
     return jnp.argmax(probs / race, axis=-1).astype(jnp.int32)
+
+
+def row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+    """`[N]` keys, one per row id: the random stream of row i is fold_in(key, i) whatever its slot."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, rows)
+
+
+def draw(logits: jax.Array, keys: jax.Array, steps: jax.Array, params: SamplingParams
+         ) -> tuple[jax.Array, jax.Array]:
+    """Token and its log-prob (temperature 1, unfiltered) `[N]` from `logits[N, V]`, row i's token
+    `steps[i]` drawn with fold_in(keys[i], steps[i])."""
+    step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(steps, keys.shape))
+    token = sample_tokens(logits, step_keys, params)
+    return token, jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, -1)
 
 
 def _emit(state: DecodeState, logits: jax.Array, params: SamplingParams) -> DecodeState:
     """Samples token `state.step` of every row from `logits[N, V]` and records it."""
-    token = sample_tokens(logits, jax.random.fold_in(state.key, state.step), params)
-    logprob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, -1)
+    token, logprob = draw(logits, state.keys, state.step, params)
     # Rows already finished keep emitting pad with log-prob 0; their forward passes are wasted work
     # that a static batch shape cannot avoid.
     token = jnp.where(state.done, params.pad_id, token)
@@ -229,7 +249,7 @@ def _prefill(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Arra
         kv_mask=repeat(jnp.concatenate([prompt_mask, jnp.ones((b, new), bool)], axis=1)),
         prefix=prefix,
         cache=model.init_cache(b * n, 0),
-        key=key,
+        keys=mesh_lib.constrain_rows(row_keys(key, jnp.arange(b * n)), mesh),
     )
     return _emit(_constrain_state(state, mesh), repeat(logits), params)
 
@@ -261,32 +281,44 @@ def _decode_segment(model: Transformer, state: DecodeState, end: int, params: Sa
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("params", "mesh"))
 def _sample(graphdef: nnx.GraphDef, weights: nnx.State, prompt_tokens: jax.Array, prompt_mask: jax.Array,
             key: jax.Array, *, params: SamplingParams, mesh: Mesh | None) -> dict[str, jax.Array]:
-    """Prefill and every decode segment in one compiled call: tokens, log-probs and mask `[N, R]`."""
+    """Prefill and every decode step in one compiled call: tokens, log-probs and mask `[N, R]`.
+
+    Every row at once (a static batch in segments), or under a budget of rows in flight with slot
+    refill (sqlm_jax.refill); the same tokens either way.
+    """
     model: Transformer = nnx.merge(graphdef, weights)
-    state = _prefill(model, prompt_tokens, prompt_mask, key, params, mesh)
-    for end in segment_ends(params.max_new_tokens):
-        state = _decode_segment(model, state, end, params, mesh)
-    stops = jnp.isin(state.tokens, jnp.asarray(params.stop_ids, jnp.int32)) if params.stop_ids \
-        else jnp.zeros(state.tokens.shape, bool)
+    if 0 < params.rows_in_flight < prompt_tokens.shape[0] * params.n:
+        from sqlm_jax import refill  # it builds on this module's helpers
+        rows_draw = lambda logits, rows, steps: draw(logits, row_keys(key, rows), steps, params)
+        tokens, logprobs = refill.decode(model, prompt_tokens, prompt_mask, params, mesh, rows_draw)
+    else:
+        state = _prefill(model, prompt_tokens, prompt_mask, key, params, mesh)
+        for end in segment_ends(params.max_new_tokens):
+            state = _decode_segment(model, state, end, params, mesh)
+        tokens, logprobs = state.tokens, state.logprobs
+    stops = jnp.isin(tokens, jnp.asarray(params.stop_ids, jnp.int32)) if params.stop_ids \
+        else jnp.zeros(tokens.shape, bool)
     # Log-probs are already 0 after the stop: finished rows record 0.
-    return dict(tokens=state.tokens, logprobs=state.logprobs,
+    return dict(tokens=tokens, logprobs=logprobs,
                 mask=(jnp.cumsum(stops, axis=1) - stops) == 0)  # no stop token before this one
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, n: int = 1,
              stop_ids: Sequence[int] = (), seed: int = 0, pad_id: int = 0,
-             mesh: Mesh | None = None) -> SampleOutput:
+             mesh: Mesh | None = None, rows_in_flight: int = 0) -> SampleOutput:
     """Samples `n` responses of at most `max_new_tokens` tokens to each prompt (lists of token ids).
 
     temperature 0 is greedy decoding; top_k 0 and top_p 1 switch those filters off. A row ends after
     its first token in `stop_ids`. With a `mesh`, the model's weights may be sharded on it and the
-    rows are split over its batch axes (data, fsdp). One compiled program serves every call with the
-    same model structure, bucketed prompt length, number of prompts and knobs.
+    rows are split over its batch axes (data, fsdp). `rows_in_flight` (0: all) bounds the rows decoded
+    at once (SamplingParams). One compiled program serves every call with the same model structure,
+    bucketed prompt length, number of prompts and knobs.
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature),
                             top_k=int(top_k), top_p=float(top_p), n=int(n),
-                            stop_ids=tuple(int(i) for i in stop_ids), pad_id=int(pad_id))
+                            stop_ids=tuple(int(i) for i in stop_ids), pad_id=int(pad_id),
+                            rows_in_flight=int(rows_in_flight))
     graphdef, weights = nnx.split(model)
     return sample(graphdef, weights, prompts, params=params, seed=seed, mesh=mesh)
 

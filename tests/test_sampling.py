@@ -118,7 +118,8 @@ def test_sample_tokens_draws_from_the_tempered_filtered_distribution(temperature
     """20,000 draws per case; every frequency within 4.5 standard errors, impossible tokens never drawn."""
     logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1, 0.0]] * 20_000))  # the last token: logit -inf
     params = sampling.SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k)
-    tokens = np.asarray(jax.jit(sampling.sample_tokens, static_argnums=2)(logits, jax.random.key(0), params))
+    keys = sampling.row_keys(jax.random.key(0), jnp.arange(len(logits)))
+    tokens = np.asarray(jax.jit(sampling.sample_tokens, static_argnums=2)(logits, keys, params))
     freq, expected = np.bincount(tokens, minlength=5) / len(tokens), np.asarray(expected)
     stderr = np.sqrt(expected * (1 - expected) / len(tokens))
     assert np.all(np.abs(freq - expected) <= 4.5 * stderr + 1e-12), (freq, expected)
@@ -186,3 +187,32 @@ def test_compiles_once_per_shape(checkpoint, prompts):
     for m, seed, batch in ((model, 0, prompts), (other, 1, prompts), (model, 2, [p[:2] for p in prompts])):
         sampling.generate(m, batch, max_new_tokens=6, seed=seed)  # prompt lengths 2…11 share bucket 16
     assert sampling._sample._cache_size() == before + 1
+
+
+@pytest.mark.parametrize("knobs", [dict(temperature=0.0), dict(temperature=1.0, seed=4)])
+def test_rows_in_flight_never_change_the_tokens(checkpoint, prompts, knobs):
+    """4 prompts x n = 3 rows, stop ids that end rows at different lengths: a budget of 1 row, of 8
+    (slots refilled as rows stop, prompts' prefixes shared through an index) and every row at once (the
+    static batch with its shared-prompt prefix) give the same tokens, log-probs and masks."""
+    model = checkpoint[2]
+    run = lambda budget: sampling.generate(model, prompts, max_new_tokens=14, n=3, stop_ids=(5, 7, 11, 13, 17),
+                                           rows_in_flight=budget, **knobs)
+    every = run(0)
+    lengths = [len(t) for t in every.token_lists]
+    assert len(set(lengths)) > 2 and min(lengths) < 14  # rows really stop at different steps
+    for budget in (1, 8):
+        out = run(budget)
+        assert out.token_lists == every.token_lists, budget
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(every.tokens))
+        np.testing.assert_array_equal(np.asarray(out.mask), np.asarray(every.mask))
+        np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(every.logprobs), atol=1e-5)
+
+
+def test_rows_in_flight_on_a_mesh(checkpoint, prompts):
+    """Rows split over 4 batch devices, 2 slots each: the same samples as every row at once on one device."""
+    folder, _, single = checkpoint
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded, _ = load_pretrained(folder, mesh=mesh)
+    knobs = dict(max_new_tokens=10, n=2, seed=2, stop_ids=(5, 7, 11))
+    ours = sampling.generate(sharded, prompts, mesh=mesh, rows_in_flight=8, **knobs)
+    assert ours.token_lists == sampling.generate(single, prompts, **knobs).token_lists

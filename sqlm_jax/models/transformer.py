@@ -118,7 +118,9 @@ class Attention(nnx.Module):
         from `rope_tables`.
 
         Without a cache the keys are the T inputs themselves (S' = S = T). With one, the T new keys and
-        values are written at `write_index` and the queries attend over all S cache slots.
+        values are written at `write_index` and the queries attend over all S cache slots; a
+        `write_index [N]` (one decode step, T = 1) writes each row at its own slot, for rows at
+        different steps (the sampler's slot refill).
         Keys and values take the cache's layouts (see LayerCache) in both cases. A `prefix` of P slots
         (see `attend`) comes before the row's own keys: S' = P + S, and its slots come first in kv_mask.
         """
@@ -135,15 +137,21 @@ class Attention(nnx.Module):
         b, t = x.shape[:2]
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [N, K, H, T], [N, K, T, H]
         if cache is None:
-            query_slot = jnp.arange(t)
-        else:
+            query_slot = jnp.arange(t)[None]  # [1, T]
+        elif jnp.ndim(write_index) == 0:
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), write_index, 3)
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), write_index, 2)
             cache = LayerCache(k, v)
-            query_slot = write_index + jnp.arange(t)
+            query_slot = (write_index + jnp.arange(t))[None]
+        else:  # T = 1, row i's key and value into its slot write_index[i]: a scatter of N·K·H values
+            rows = jnp.arange(b)
+            k = cache.k.at[rows, :, :, write_index].set(k[..., 0].astype(cache.k.dtype))
+            v = cache.v.at[rows, :, write_index].set(v[:, :, 0].astype(cache.v.dtype))
+            cache = LayerCache(k, v)
+            query_slot = write_index[:, None]  # [N, 1]
         prefix_len = 0 if prefix is None else prefix.v.shape[2]
         key_slot = jnp.arange(prefix_len + v.shape[2])
-        causal = key_slot[None, None, :] <= prefix_len + query_slot[None, :, None]
+        causal = key_slot[None, None, :] <= prefix_len + query_slot[:, :, None]
         mask = kv_mask[:, None, :] & causal  # [N, T, S']
         out = attend(q, k.astype(dt), v.astype(dt), mask, prefix).reshape(b, t, -1)  # [N, T, K·G·H]
         # One [K·G·H, D] matmul: contracting (heads, H) as two dims made XLA copy the weight every step.
