@@ -49,7 +49,7 @@ def validate(config, num_batch_devices: int | None = None) -> None:
     if r.n < 2:
         raise ConfigError(f"rollout.n={r.n}: groups of one give no advantage signal; use n >= 2 (paper: 4)")
     for field in ("rollout.batch_size", "rollout.max_prompt_len", "rollout.proposer_max_new_tokens",
-                  "rollout.solver_max_new_tokens", "rl.mini_batch_size", "rl.micro_batch_size",
+                  "rollout.solver_max_new_tokens", "rl.mini_batch_size",
                   "rl.ppo_epochs", "train.steps", "train.max_nonfinite_steps", "checkpoint.every",
                   "checkpoint.keep", "eval.max_new_tokens", "eval.batch_size"):
         if _get(config, field) < 1:
@@ -59,14 +59,17 @@ def validate(config, num_batch_devices: int | None = None) -> None:
     if r.batch_size % rl.mini_batch_size:
         raise ConfigError(f"rl.mini_batch_size={rl.mini_batch_size} must divide rollout.batch_size="
                           f"{r.batch_size} (mini-batches are groups of prompt rows)")
+    if rl.micro_batch_size < 1 and rl.micro_batch_size != -1 or r.rows_in_flight < -1:
+        raise ConfigError(f"rl.micro_batch_size={rl.micro_batch_size} must be >= 1 or -1 (auto), "
+                          f"rollout.rows_in_flight={r.rows_in_flight} >= 0 (0: all) or -1 (auto)")
     mini_sequences = rl.mini_batch_size * r.n
-    if mini_sequences % rl.micro_batch_size:
+    if rl.micro_batch_size > 0 and mini_sequences % rl.micro_batch_size:  # -1: auto_knobs picks a divisor
         raise ConfigError(f"rl.micro_batch_size={rl.micro_batch_size} must divide the "
                           f"{mini_sequences} sequences of a mini-batch (rl.mini_batch_size × rollout.n)")
     if rl.loss_agg_chunk < 1 or rl.logits_chunk_mib <= 0:
         raise ConfigError(f"rl.loss_agg_chunk={rl.loss_agg_chunk} must be >= 1 and "
                           f"rl.logits_chunk_mib={rl.logits_chunk_mib} positive")
-    if num_batch_devices and rl.micro_batch_size % num_batch_devices:
+    if num_batch_devices and rl.micro_batch_size > 0 and rl.micro_batch_size % num_batch_devices:
         raise ConfigError(f"rl.micro_batch_size={rl.micro_batch_size} must be a multiple of the "
                           f"{num_batch_devices} devices the batch is split over (mesh data × fsdp)")
     if rl.proposer_update_freq < 0 or config.eval.every < 0:

@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
         "temperature": 1.0,
         "top_p": 1.0,
         "top_k": 0,                  # 0 = no top-k
+        # Rows the sampler decodes at once, slots refilled as rows stop (memory knob; never changes a
+        # token): 0 = every row of a call at once, -1 = auto (the largest that fits, from the plan).
+        "rows_in_flight": 0,
         # online (the method) | pregenerated (ablation: a pool proposed by the base model at step 0) |
         # dataset (the task's training problems, never held-out ones: labelled RL with
         # reward.kind=ground_truth, TTRL-style with the majority vote); the proposer is trained only online.
@@ -84,7 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
         "kl_kind": "k3",             # k1 | k2 | k3 (verl's low_var_kl, clamped to ±10)
         "ppo_epochs": 1,
         "mini_batch_size": 32,       # prompt rows per optimizer update (× n sequences)
-        "micro_batch_size": 16,      # sequences per gradient-accumulation step (memory knob only)
+        # Sequences per gradient-accumulation step (memory knob only). -1 = auto: the largest that fits
+        # the devices, from the plan (sqlm_jax.auto_knobs); the loss never depends on it.
+        "micro_batch_size": 16,
         # How per-token losses become a mini-batch's loss (train_step.loss_weights): reference (token
         # mean within fixed chunks of loss_agg_chunk sequences, averaged over chunks, as verl's
         # micro-batches of 8) | token-mean (one over the mini-batch) | seq-mean-token-mean |

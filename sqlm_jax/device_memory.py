@@ -1,9 +1,15 @@
-"""Memory per device of the accelerators the plan knows (sqlm_jax.plan): by name, and of this process's devices."""
+"""Memory per device of the accelerators the plan knows (sqlm_jax.plan): by name, and of this process's devices;
+and the bytes one device holds of a tensor sharded on a (device-free) mesh."""
 from __future__ import annotations
 
+import math
 import os
+from typing import Mapping, Sequence
 
 import jax
+from jax.sharding import AbstractMesh
+
+from sqlm_jax import mesh as mesh_lib
 
 GiB = 2 ** 30
 # Memory per chip (per GPU). "cpu" is the host's RAM, shared by all of the host's devices.
@@ -51,3 +57,29 @@ def local_device_bytes(device: jax.Device | None = None) -> int:
         if pattern in kind:
             return HBM_BYTES[family]
     raise ValueError(f"unknown device kind {device.device_kind!r}: pass the memory per device yourself")
+
+
+
+
+def abstract_mesh(mesh_shape: Mapping[str, int]) -> AbstractMesh:
+    """A device-free mesh of the given axis sizes (missing axes are 1), for planning any slice size."""
+    sizes = tuple(int(mesh_shape.get(a, 1)) for a in mesh_lib.AXES)
+    if any(s < 1 for s in sizes):
+        raise mesh_lib.MeshError(f"mesh {dict(mesh_shape)}: plan with explicit positive sizes "
+                                 "(resolve -1 with mesh.mesh_shape first)")
+    return AbstractMesh(sizes, mesh_lib.AXES)
+
+
+def shard_bytes(shape: Sequence[int], axes: Sequence[str | None], itemsize: int, mesh) -> int:
+    """Bytes one device holds of a `shape` tensor with logical `axes`, sharded as `logical_spec` does."""
+    spec = mesh_lib.logical_spec(axes, shape, mesh)
+    local = 1
+    for dim, target in zip(shape, tuple(spec) + (None,) * len(shape)):
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        local *= dim // math.prod(mesh.shape[t] for t in targets)
+    return local * itemsize
+
+
+def weights_bytes(layout, mesh) -> int:
+    """Per-device bytes of one copy of the parameters."""
+    return sum(shard_bytes(shape, axes, dtype.itemsize, mesh) for shape, axes, dtype in layout)

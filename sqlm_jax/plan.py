@@ -8,9 +8,10 @@ shards it. The phases' buffers are estimates of what XLA keeps alive, counted fr
 checked against XLA's own accounting of the compiled sampler and update on CPU (tests/test_plan.py,
 within 10%, for sequences of 256+ tokens where attention's quadratic term is a large share; shorter
 ones are overestimated, ~30% at 80 tokens). The remat figure is the textbook one (layer inputs + one
-layer), since XLA on CPU does not show remat's saving at all. With rl.shared_prompt_pass (the
-default) the update runs each prompt once per group of rows, which the plan does not model: its
-training figure is then an upper bound (XLA's was ~45-60% of it with groups of 4 rows).
+layer), since XLA on CPU does not show remat's saving at all. The update's shared prompt pass
+(rl.shared_prompt_pass) is not modelled: the training figure is then an upper bound. It models the
+memory knobs as the code runs them: logits in chunks (rl.logits_chunk_mib), rows in flight with slot
+refill (rollout.rows_in_flight); -1 ("auto") knobs are first set to the largest that fit (auto_knobs).
 
 A step has two phases that never hold their big buffers at the same time: sampling (the KV cache) and
 training (gradients, activations, logits). Weights and optimizer state live through both. So
@@ -20,22 +21,25 @@ training (gradients, activations, logits). Weights and optimizer state live thro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import jax
 import numpy as np
-from jax.sharding import AbstractMesh
 
 from sqlm_jax import mesh as mesh_lib
-from sqlm_jax.device_memory import (GiB, HBM_BYTES, accelerator_bytes, host_ram_bytes,  # noqa: F401
-                                    local_device_bytes, parse_accelerator)
+from sqlm_jax import refill
+from sqlm_jax.device_memory import (GiB, HBM_BYTES, abstract_mesh, accelerator_bytes,  # noqa: F401
+                                    host_ram_bytes, local_device_bytes, parse_accelerator, shard_bytes,
+                                    weights_bytes)
 from sqlm_jax.models.config import ModelConfig
 from sqlm_jax.models.hf import is_local_path, read_model_config, resolve_checkpoint
 from sqlm_jax.sampling import bucket_length
+from sqlm_jax.train_step import chunk_positions
 
 # Kept free for XLA's scratch buffers, fragmentation and the runtime: a plan that uses the last few
 # percent of HBM on paper fails at compile time in practice.
@@ -108,6 +112,7 @@ def load_model_config(config) -> ModelConfig:
     return ModelConfig.from_hf_dict(json.loads(source.read_text()), **runtime)
 
 
+@functools.lru_cache(maxsize=8)  # auto_knobs plans one model many times
 def param_layout(model_cfg: ModelConfig) -> list[tuple[tuple[int, ...], tuple, np.dtype]]:
     """(shape, logical axes, dtype) of every parameter, from an abstract model (nothing allocated)."""
     from flax import nnx
@@ -120,41 +125,29 @@ def param_layout(model_cfg: ModelConfig) -> list[tuple[tuple[int, ...], tuple, n
             for v in variables]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Sharded sizes
-
-
-def abstract_mesh(mesh_shape: Mapping[str, int]) -> AbstractMesh:
-    """A device-free mesh of the given axis sizes (missing axes are 1), for planning any slice size."""
-    sizes = tuple(int(mesh_shape.get(a, 1)) for a in mesh_lib.AXES)
-    if any(s < 1 for s in sizes):
-        raise mesh_lib.MeshError(f"mesh {dict(mesh_shape)}: plan with explicit positive sizes "
-                                 "(resolve -1 with mesh.mesh_shape first)")
-    return AbstractMesh(sizes, mesh_lib.AXES)
-
-
-def shard_bytes(shape: Sequence[int], axes: Sequence[str | None], itemsize: int, mesh) -> int:
-    """Bytes one device holds of a `shape` tensor with logical `axes`, sharded as `logical_spec` does."""
-    spec = mesh_lib.logical_spec(axes, shape, mesh)
-    local = 1
-    for dim, target in zip(shape, tuple(spec) + (None,) * len(shape)):
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
-        local *= dim // math.prod(mesh.shape[t] for t in targets)
-    return local * itemsize
-
-
-def weights_bytes(layout, mesh) -> int:
-    """Per-device bytes of one copy of the parameters."""
-    return sum(shard_bytes(shape, axes, dtype.itemsize, mesh) for shape, axes, dtype in layout)
-
-
-def sampling_calls(config) -> dict[str, tuple[int, int, int, int]]:
-    """(prompts, rows, prompt slots, response slots) of the two sampler calls of a step.
+def sampling_calls(config, devices: int = 1) -> dict[str, tuple[int, int, int, int]]:
+    """(prompts, rows in flight, prompt slots, response slots) of the two sampler calls of a step, on
+    `devices` batch devices (data × fsdp).
 
     The proposer samples B·n completions of the one topic prompt; the solver n answers to each of the
     B·n questions. The sampler keeps one cache of each prompt's bucketed length, shared by its rows,
-    and one of max_new_tokens slots per row.
+    and one of max_new_tokens slots per row in flight: every row, or rollout.rows_in_flight of them
+    (slot refill: a wave of prompts at a time, whose cache holds P-1 slots, the last prompt token
+    being the row's; sqlm_jax.refill).
     """
+    w, calls = config.rollout.rows_in_flight, {}
+    for role, (prompts, rows, slots, new) in _all_rows_calls(config).items():
+        if 0 < w < rows:
+            d = refill.batch_shards(abstract_mesh({"data": devices}), prompts)
+            per_block = -(-w // d)
+            calls[role] = (d * refill.wave_prompts(prompts // d, rows // prompts, per_block), d * per_block,
+                           slots - 1, new)
+        else:
+            calls[role] = (prompts, rows, slots, new)
+    return calls
+
+
+def _all_rows_calls(config) -> dict[str, tuple[int, int, int, int]]:
     b, n, r = config.rollout.batch_size, config.rollout.n, config.rollout
     prompt = bucket_length(r.max_prompt_len)
     return {"proposer": (1, b * n, prompt, r.proposer_max_new_tokens),
@@ -203,6 +196,8 @@ def _layer_activations(cfg: ModelConfig, mb: int, seq: int, mesh) -> int:
 
 def _training_rows(config, cfg: ModelConfig, mesh, weights: int) -> list[Row]:
     mb = config.rl.micro_batch_size
+    if mb < 1:
+        raise ValueError("rl.micro_batch_size=-1 (auto): resolve it first (auto_knobs.resolve)")
     prompt = bucket_length(config.rollout.max_prompt_len)
     response = max(config.rollout.proposer_max_new_tokens, config.rollout.solver_max_new_tokens)
     seq = prompt + response
@@ -213,34 +208,42 @@ def _training_rows(config, cfg: ModelConfig, mesh, weights: int) -> list[Row]:
         activations, how = cfg.num_layers * layer_input + 2 * layer, "remat: layer inputs + 1 layer x2"
     else:  # every layer keeps all of its intermediates; the backward pass frees them as it goes
         activations, how = cfg.num_layers * layer, f"no remat: {cfg.num_layers} layers"
-    # Logits [mb, R, V] float32 and what the loss derives from them (log-softmax, the entropy's
-    # softmax, their cotangents): 5 copies in XLA's CPU accounting.
-    logits = 5 * shard_bytes((mb, response, cfg.vocab_size), ("batch", None, "vocab"), 4, mesh)
+    # Logits [mb, c, V] float32 of c positions at a time (train_step.token_stats) and what the loss
+    # derives from them (log-softmax, the entropy's softmax, their cotangents): 5 copies in XLA's CPU
+    # accounting when one chunk holds all R positions, 3 of a chunk recomputed in the backward pass.
+    c = chunk_positions(mb, cfg.vocab_size, response, config.rl.logits_chunk_mib)
+    copies = 5 if c == response else 3
+    logits = copies * shard_bytes((mb, c, cfg.vocab_size), ("batch", None, "vocab"), 4, mesh)
     return [
         Row("gradients", "training", 2 * weights, "accumulator + one micro-batch's (param dtype)"),
         Row("activations", "training", activations,
             f"micro-batch {mb} x {seq} tokens, {how} (estimate)"),
-        Row("logits", "training", logits, f"[{mb}, {response}, {cfg.vocab_size}] float32 x5"),
+        Row("logits", "training", logits, f"[{mb}, {c} of {response}, {cfg.vocab_size}] float32 x{copies}"),
     ]
 
 
 def _sampling_rows(config, cfg: ModelConfig, mesh) -> list[Row]:
     role = largest_sampling_call(config)
-    prompts, rows, prompt, response = sampling_calls(config)[role]
-    # Besides the cache, the larger of: the prefill's (before the rows' cache exists) float32 scores
-    # and probabilities of one layer, and a decode step's [rows, V] float32 buffers: the logits, the
-    # sampling race's uniforms and ratios, the log-softmax (6 in XLA's CPU accounting, at
-    # temperature 1 without top-k / top-p, whose sorts add more).
+    prompts, rows, prompt, response = sampling_calls(config, mesh.shape["data"] * mesh.shape["fsdp"])[role]
+    # Besides the cache, the larger of: the prefill's (before the rows' cache exists) one layer, the
+    # larger of its float32 scores and probabilities and its MLP's gate/up and product; and a decode
+    # step's [rows, V] float32 buffers: the logits, the sampling race's uniforms and ratios, the
+    # log-softmax (6 in XLA's CPU accounting, at temperature 1 without top-k / top-p, whose sorts add
+    # more), with slot refill plus each slot's copy of its prompt's cache (gathered, every layer).
+    item = np.dtype(cfg.compute_dtype).itemsize
     scores = 2 * shard_bytes((prompts, cfg.num_kv_heads, cfg.group_size, prompt, prompt),
                              ("batch", "kv_heads", None, None, None), 4, mesh)
-    logits = 6 * shard_bytes((rows, cfg.vocab_size), ("batch", "vocab"), 4, mesh)
+    mlp = shard_bytes((prompts, prompt, 3, cfg.intermediate_size), ("batch", None, None, "mlp"), item, mesh)
+    refill = rows < _all_rows_calls(config)[role][1]
+    logits = 6 * shard_bytes((rows, cfg.vocab_size), ("batch", "vocab"), 4, mesh) + (
+        _kv_cache_bytes(rows, prompt, cfg, mesh) if refill else 0)
     cache = _kv_cache_bytes(prompts, prompt, cfg, mesh) + _kv_cache_bytes(rows, response, cfg, mesh)
     return [
         Row("KV cache", "sampling", cache,
-            f"{role}: {prompts} prompts x {prompt} slots + {rows} rows x {response} slots, "
-            f"x {cfg.num_layers} layers x k,v ({cfg.compute_dtype})"),
-        Row("sampling transients", "sampling", max(scores, logits),
-            "prefill scores or decode logits x6, the larger"),
+            f"{role}: {prompts} prompts x {prompt} slots + {rows} rows x {response} slots"
+            f"{' (rows in flight)' if refill else ''}, x {cfg.num_layers} layers x k,v ({cfg.compute_dtype})"),
+        Row("sampling transients", "sampling", max(scores, mlp, logits),
+            "prefill layer or decode logits x6" + (" + slots' prompt caches" if refill else "") + ", the larger"),
     ]
 
 
@@ -309,8 +312,8 @@ def advice(plan: Plan, config) -> str:
         "activations": ("a smaller --config.rl.micro_batch_size" if config.model.remat
                         else "--config.model.remat=True, or a smaller --config.rl.micro_batch_size"),
         "logits": "a smaller --config.rl.micro_batch_size",
-        "KV cache": ("a smaller rollout batch (--config.rollout.batch_size or rollout.n) or shorter "
-                     "responses, or more devices on the batch axes (data, fsdp)"),
+        "KV cache": ("a smaller --config.rollout.rows_in_flight (or -1: the largest that fits), or more "
+                     "devices on the batch axes (data, fsdp)"),
     }
     # Rows that one knob shrinks count together when ranking that knob.
     groups = {"parameters": ("parameters", "optimizer state", "reference weights", "critic", "gradients"),
@@ -355,12 +358,18 @@ def main(argv: list[str]) -> None:
         if count is None:  # only -1 needs a device count; use this host's devices
             count = math.prod(sizes.values()) if -1 not in sizes.values() else jax.device_count()
         mesh_shape = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(sizes, count)))
-        plan = memory_plan(config, load_model_config(config), mesh_shape)
+        model_cfg = load_model_config(config)
+        budget = (accelerator_bytes(family, math.prod(mesh_shape.values())) if family is not None
+                  else local_device_bytes())
+        from sqlm_jax import auto_knobs  # it plans with this module
+        config = auto_knobs.resolve(config, model_cfg, mesh_shape, budget)
+        plan = memory_plan(config, model_cfg, mesh_shape)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(format_plan(plan))
+    print(f"memory knobs: rl.micro_batch_size={config.rl.micro_batch_size}, rollout.rows_in_flight="
+          f"{config.rollout.rows_in_flight} (0: all rows at once); the method's batch as configured")
     if family is not None:
-        budget = accelerator_bytes(family, math.prod(mesh_shape.values()))
         print(fit_line(plan, budget, family))
         if plan.total > usable_bytes(budget):
             print(advice(plan, config))

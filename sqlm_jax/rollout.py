@@ -82,7 +82,8 @@ class Rollouts:
         r = c.rollout
         knobs = lambda n, max_new_tokens: SamplingParams(
             max_new_tokens=max_new_tokens, temperature=float(r.temperature), top_k=int(r.top_k),
-            top_p=float(r.top_p), n=n, stop_ids=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id)
+            top_p=float(r.top_p), n=n, stop_ids=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id,
+            rows_in_flight=int(r.rows_in_flight))
         self.proposer_params = knobs(r.batch_size * r.n, r.proposer_max_new_tokens)
         self.solver_params = knobs(r.n, r.solver_max_new_tokens)
         self.reward_kind = task.reward if c.reward.kind == "auto" else c.reward.kind

@@ -26,7 +26,7 @@ import jax
 from flax import nnx
 from tqdm import tqdm
 
-from sqlm_jax import distributed, learner, plan
+from sqlm_jax import auto_knobs, distributed, learner, plan
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax.checkpoints import Checkpointer, CheckpointProblem
 from sqlm_jax.config_check import validate
@@ -72,8 +72,11 @@ class Trainer:
         self.task = get_task(c.task, **self.task_options)
         self.mesh = mesh_lib.make_mesh(dict(c.mesh))
         validate(c, num_batch_devices=self.mesh.shape["data"] * self.mesh.shape["fsdp"])
-        # Refuse up front, with the per-device table, a run that cannot fit (before any weight loads).
-        plan.check_fits(c, plan.load_model_config(c), dict(self.mesh.shape), plan.local_device_bytes())
+        # Memory knobs left at -1 ("auto") become the largest that fit (auto_knobs); then refuse up front,
+        # with the per-device table, a run that cannot fit (before any weight loads).
+        model_cfg, device_bytes = plan.load_model_config(c), plan.local_device_bytes()
+        self.config = c = auto_knobs.resolve(c, model_cfg, dict(self.mesh.shape), device_bytes)
+        plan.check_fits(c, model_cfg, dict(self.mesh.shape), device_bytes)
         load = lambda: load_pretrained(c.model.path, mesh=self.mesh, dtype=c.model.param_dtype,
                                        compute_dtype=c.model.compute_dtype, remat=c.model.remat)
         model, self.model_config = load()

@@ -157,18 +157,25 @@ def token_stats(model, hidden: jax.Array, tokens: jax.Array, chunk_mib: float) -
     whole-batch computation. Chunking changes nothing but float rounding.
     """
     n, r, _ = hidden.shape
-    per_position = n * model.config.vocab_size * 4
-    c = max(1, int(chunk_mib * 2 ** 20) // per_position)
-    if c >= r:
+    c = chunk_positions(n, model.config.vocab_size, r, chunk_mib)
+    if c == r:
         return _stats(model, hidden, tokens)
     parts = -(-r // c)
-    c = -(-r // parts)  # the same number of chunks with the least padding
     pad = lambda x: jnp.pad(x, [(0, 0), (0, parts * c - r)] + [(0, 0)] * (x.ndim - 2))
     split = lambda x: jnp.moveaxis(pad(x).reshape((n, parts, c) + x.shape[2:]), 1, 0)  # [parts, N, c, ...]
     stats = jax.checkpoint(lambda h, t: _stats(model, h, t))
     logp, entropy = jax.lax.map(lambda xs: stats(*xs), (split(hidden), split(tokens)))
     merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(n, parts * c)[:, :r]
     return merge(logp), merge(entropy)
+
+
+def chunk_positions(rows: int, vocab: int, positions: int, chunk_mib: float) -> int:
+    """Response positions per chunk of `token_stats` for `[rows, positions]` tokens: as many as fit
+    `chunk_mib` MiB of float32 `[rows, c, vocab]` logits, spread evenly over the chunks needed."""
+    c = max(1, int(chunk_mib * 2 ** 20) // (rows * vocab * 4))
+    if c >= positions:
+        return positions
+    return -(-positions // -(-positions // c))  # the same number of chunks with the least padding
 
 
 def _stats(model, hidden, tokens):

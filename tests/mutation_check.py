@@ -16,6 +16,7 @@ ROLLOUT, LEARNER, TRAIN = "sqlm_jax/rollout.py", "sqlm_jax/learner.py", "sqlm_ja
 EVALUATE = "sqlm_jax/evaluate.py"
 E2E = "tests/test_reward_to_update.py"
 MODES = "tests/test_rollout.py"
+STEP, LOSS = "sqlm_jax/train_step.py", "tests/test_loss_agg.py"
 
 MUTATIONS = [
     ("advantage sign flipped", LEARNER, "sequence = rl.grpo_advantages(rewards, rl_cfg.grpo_eps)",
@@ -55,6 +56,18 @@ MUTATIONS = [
      ["tests/test_train.py::test_critic_trains_on_the_proposer_batch_every_step"]),
     ("overlong held-out prompts kept", EVALUATE, "if length <= max_len]", "]",
      ["tests/test_evaluate_cli.py::test_overlong_heldout_prompts_are_dropped_and_counted"]),
+    ("KL term's sign flipped", STEP, "total = total + loss_cfg.kl_coef * rl.masked_sum(kl * weights, mask)",
+     "total = total - loss_cfg.kl_coef * rl.masked_sum(kl * weights, mask)", [LOSS]),
+    ("entropy bonus's sign flipped", STEP, "total = pg - loss_cfg.entropy_coef * rl.masked_sum(entropy * weights, mask)",
+     "total = pg + loss_cfg.entropy_coef * rl.masked_sum(entropy * weights, mask)", [LOSS]),
+    ("gradient clipping removed", STEP, "        optax.clip_by_global_norm(optim_cfg.grad_clip),\n", "", [LOSS]),
+    ("kl_coef forced to 0 in LossConfig.from_config", STEP, "kl_coef=rl_cfg.kl_coef,", "kl_coef=0.0,", [LOSS]),
+    ("k3's inner clamp dropped", "sqlm_jax/rl.py", "d = jnp.clip(-diff, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)",
+     "d = -diff", [LOSS]),
+    ("reference loss chunks ignored (one token mean)", STEP, "return m / (jnp.maximum(chunk_tokens, 1.0) * chunks)[:, None]",
+     "return m / jnp.maximum(m.sum(), 1.0)", [LOSS]),
+    ("chunked logits' last chunk misaligned", STEP, "merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(n, parts * c)[:, :r]",
+     "merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(n, parts * c)[:, -r:]", ["tests/test_chunked_loss.py"]),
     ("dataset pool includes held-out problems", ROLLOUT, "for q, truth in problems if q.text not in heldout]",
      "for q, truth in problems]", [MODES + "::test_dataset_pool_leaves_out_the_heldout_problems"]),
 ]

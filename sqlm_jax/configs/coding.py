@@ -12,6 +12,9 @@ def get_config():
     c.model.path = "Qwen/Qwen2.5-Coder-3B-Instruct"
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True
+    # Memory knobs left to the plan (-1: the largest that fit the devices; sqlm_jax.auto_knobs).
+    c.rl.micro_batch_size = -1
+    c.rollout.rows_in_flight = -1
     c.rollout.batch_size = 1024
     c.rollout.proposer_max_new_tokens = 512
     c.rollout.solver_max_new_tokens = 512
