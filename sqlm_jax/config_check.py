@@ -9,7 +9,8 @@ _CHOICES = {
     "reward.kind": ("auto", "majority", "format", "unit_tests", "ground_truth"),
     "reward.invalid_proposals": ("reference", "keep", "mask"),
     "rollout.question_source": ("online", "pregenerated", "dataset"),
-    "rl.advantage": ("grpo", "gae"),
+    "rl.advantage": ("grpo", "gae", "rloo", "reinforce_pp"),
+    "rl.policy_loss": ("ppo", "gspo"),
     "rl.kl_kind": ("k1", "k2", "k3"),
     "rl.loss_agg": ("reference", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
     "optim.schedule": ("constant", "cosine"),
@@ -78,5 +79,32 @@ def validate(config, num_batch_devices: int | None = None) -> None:
         raise ConfigError("eval.max_prompt_len must be >= 0 (0 = keep every held-out problem)")
     if config.eval.sampled_n < 0 or config.eval.sampled_problems < 0:
         raise ConfigError("eval.sampled_n and eval.sampled_problems must be >= 0 (0 = off / all problems)")
+    _validate_toolbox(config)
     if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
         raise ConfigError(f"optim.lr={config.optim.lr} must be a positive number")
+
+
+LORA_TARGETS = ("qkv", "o", "gate_up", "down")
+
+
+def _validate_toolbox(config) -> None:
+    """The framework options of issue 17 (all off by default)."""
+    rl, lora = config.rl, config.model.lora
+    for field in ("rl.clip_eps_low", "rl.clip_eps_high", "rl.gspo_clip_eps_low", "rl.gspo_clip_eps_high"):
+        value = _get(config, field)
+        if value is not None and not 0 < value < 10:
+            raise ConfigError(f"{field}={value} must be a positive clip range (e.g. DAPO: low 0.2, high 0.28)")
+    if rl.filter_zero_variance is False and config.rollout.max_extra_batches:
+        raise ConfigError("rollout.max_extra_batches refills groups that rl.filter_zero_variance drops: "
+                          "set rl.filter_zero_variance=True, or max_extra_batches=0")
+    if config.rollout.max_extra_batches < 0 or config.reward.overlong_buffer < 0:
+        raise ConfigError("rollout.max_extra_batches and reward.overlong_buffer must be >= 0 (0 = off)")
+    shortest = min(config.rollout.proposer_max_new_tokens, config.rollout.solver_max_new_tokens)
+    if config.reward.overlong_buffer >= shortest:
+        raise ConfigError(f"reward.overlong_buffer={config.reward.overlong_buffer} must be below every "
+                          f"max_new_tokens ({shortest}): the buffer is the last tokens before the limit")
+    if lora.rank < 0 or lora.rank and lora.alpha <= 0:
+        raise ConfigError(f"model.lora.rank={lora.rank} must be >= 0 (0 = off) and model.lora.alpha positive")
+    unknown = sorted(set(t.strip() for t in lora.targets.split(",")) - set(LORA_TARGETS))
+    if lora.rank and unknown:
+        raise ConfigError(f"model.lora.targets names {unknown}; choose from {list(LORA_TARGETS)} (comma-separated)")

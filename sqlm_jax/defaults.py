@@ -40,6 +40,13 @@ def base_config() -> ml_collections.ConfigDict:
         "param_dtype": "float32",
         "compute_dtype": "float32",  # bfloat16 on TPU/GPU
         "remat": False,              # recompute each layer in the backward pass (saves memory)
+        # LoRA (Hu et al. 2021): rank 0 = full fine-tuning (the reference). rank > 0 trains low-rank
+        # adapters on the named projections only; the frozen base is the KL reference (no second copy).
+        "lora": ml_collections.ConfigDict({
+            "rank": 0,
+            "alpha": 16.0,           # adapter output scaled by alpha / rank
+            "targets": "qkv,o,gate_up,down",  # comma-separated: attention qkv, o; MLP gate_up, down
+        }),
     })
     # Mesh axis sizes; -1 takes the devices left over. Batch splits over data×fsdp, weights over fsdp×tensor.
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -63,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
         "pregenerated_questions": 1024,  # size of the fixed pool (pregenerated and dataset)
         "dataset_path": placeholder(str),  # dataset: a file of labelled questions (None: the task's generator)
         "dataset_seed": 4321,        # dataset: draws the pool (held-out problems are removed from it)
+        # Dynamic sampling (DAPO; needs rl.filter_zero_variance): extra rounds of questions a step may
+        # sample to refill the groups dropped for zero reward variance (0 = none; never loops past it).
+        "max_extra_batches": 0,
     })
     c.reward = ml_collections.ConfigDict({
         # auto (task's own: majority or unit_tests) | majority | format | ground_truth (labels of dataset questions)
@@ -75,11 +85,29 @@ def base_config() -> ml_collections.ConfigDict:
         "code_timeout_s": 10.0,
         "sandbox_workers": 0,        # 0 = one per core
         "allow_unisolated_sandbox": False,
+        # Soft overlong punishment (DAPO): the last overlong_buffer tokens before a role's
+        # max_new_tokens cost up to overlong_penalty, linearly (0 = off, the reference).
+        "overlong_buffer": 0,
+        "overlong_penalty": 1.0,
     })
     c.rl = ml_collections.ConfigDict({
-        "advantage": "grpo",         # grpo | gae (with a critic, the reference for coding)
+        # grpo | gae (with a critic, the reference for coding) | rloo (leave-one-out baseline) |
+        # reinforce_pp (REINFORCE++: returns whitened over the batch)
+        "advantage": "grpo",
         "grpo_eps": 1e-6,
+        "grpo_scale_by_std": True,   # False: Dr. GRPO (rewards minus the group mean, no std division)
         "clip_eps": 0.2,
+        # Clip-higher (DAPO): separate lower / upper clip ranges of the ratio; None = clip_eps.
+        "clip_eps_low": placeholder(float),
+        "clip_eps_high": placeholder(float),
+        # ppo (token-level ratio, the reference) | gspo (GSPO: the sequence-level ratio, a length-normalised
+        # geometric mean, clipped to [1 - gspo_clip_eps_low, 1 + gspo_clip_eps_high])
+        "policy_loss": "ppo",
+        "gspo_clip_eps_low": 3e-4,
+        "gspo_clip_eps_high": 4e-4,
+        # Dynamic sampling (DAPO): groups whose n rewards are all equal leave the update, per role.
+        "filter_zero_variance": False,
+        "mask_truncated": False,     # overlong filtering (DAPO): responses cut at max_new_tokens leave the loss
         "dual_clip_c": 3.0,
         "entropy_coef": 0.0,
         "use_kl": True,
