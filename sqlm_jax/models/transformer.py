@@ -111,6 +111,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.group_size = g
+        self.lora_qkv = self.lora_o = None  # LoRA adapters (models/lora.py), attached after loading
 
     def __call__(self, x, positions, kv_mask, rope, cache: LayerCache | None, write_index,
                  prefix: LayerCache | None = None):
@@ -126,6 +127,8 @@ class Attention(nnx.Module):
         """
         dt = x.dtype
         qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
+        if self.lora_qkv is not None:
+            qkv = qkv + self.lora_qkv(x).reshape(qkv.shape)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(dt)
         g = self.group_size
@@ -155,7 +158,10 @@ class Attention(nnx.Module):
         mask = kv_mask[:, None, :] & causal  # [N, T, S']
         out = attend(q, k.astype(dt), v.astype(dt), mask, prefix).reshape(b, t, -1)  # [N, T, K·G·H]
         # One [K·G·H, D] matmul: contracting (heads, H) as two dims made XLA copy the weight every step.
-        return out @ self.o[...].astype(dt).reshape(out.shape[-1], -1), cache
+        projected = out @ self.o[...].astype(dt).reshape(out.shape[-1], -1)
+        if self.lora_o is not None:
+            projected = projected + self.lora_o(out)
+        return projected, cache
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -217,11 +223,25 @@ class MLP(nnx.Module):
         dt = jnp.dtype(cfg.param_dtype)
         self.gate_up = _param(rngs, (cfg.hidden_size, 2, cfg.intermediate_size), ("embed", None, "mlp"), dt)
         self.down = _param(rngs, (cfg.intermediate_size, cfg.hidden_size), ("mlp", "embed"), dt)
+        self.lora_gate_up = self.lora_down = None  # LoRA adapters (models/lora.py), attached after loading
 
     def __call__(self, x):
         b, t, d = x.shape
-        hidden = swiglu(x.reshape(b * t, d), self.gate_up[...].astype(x.dtype))  # [N·T, F]
-        return (hidden @ self.down[...].astype(x.dtype)).reshape(b, t, d)
+        x = x.reshape(b * t, d)
+        gate_up = self.gate_up[...].astype(x.dtype)
+        if self.lora_gate_up is None:
+            hidden = swiglu(x, gate_up)  # [N·T, F]
+        else:  # autodiff: the hand-written backward's point is the frozen weight's gradient, not needed
+            hidden = _gated((x @ gate_up.reshape(d, -1) + self.lora_gate_up(x)).reshape(b * t, 2, -1))
+        out = hidden @ self.down[...].astype(x.dtype)
+        if self.lora_down is not None:
+            out = out + self.lora_down(hidden)
+        return out.reshape(b, t, d)
+
+
+def _gated(projected: jax.Array) -> jax.Array:
+    """`silu(gate) · up` of the fused projection `[N·T, 2, F]` -> `[N·T, F]`."""
+    return jax.nn.silu(projected[:, 0]) * projected[:, 1]
 
 
 @jax.custom_vjp
@@ -240,7 +260,7 @@ def swiglu(x: jax.Array, gate_up: jax.Array) -> jax.Array:
 
 def _swiglu_fwd(x, gate_up):
     projected = (x @ gate_up.reshape(gate_up.shape[0], -1)).reshape(x.shape[0], 2, -1)  # [N·T, 2, F]
-    return jax.nn.silu(projected[:, 0]) * projected[:, 1], (x, gate_up, projected)
+    return _gated(projected), (x, gate_up, projected)
 
 
 def _swiglu_bwd(residuals, d_out):
