@@ -88,7 +88,8 @@ def add_adapters(model, spec: LoraSpec, rngs: nnx.Rngs) -> None:
         for target in spec.targets:
             owner_name, contracted = TARGETS[target]
             owner = getattr(layer, owner_name)
-            setattr(owner, f"lora_{target}", LoRA(getattr(owner, target), contracted, spec, rngs))
+            # nnx.data: the attribute was None (static) until now
+            setattr(owner, f"lora_{target}", nnx.data(LoRA(getattr(owner, target), contracted, spec, rngs)))
 
 
 def adapters_by_weight(model) -> dict[str, LoRA]:
