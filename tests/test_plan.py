@@ -180,14 +180,15 @@ def test_lora_update_trains_the_adapters_alone(target):
     """LoRA of rank 8 on every projection: the training phase (the adapters' gradients, activations,
     logits) against XLA's temporaries, and the resident rows (the base, the adapters and their AdamW
     moments, no reference copy) against the update's arguments; once where activations dominate and
-    once where the weights do (short sequences, a wide model): a gradient of the frozen base, whose
-    weights alone are ~8x the temporaries the plan counts, would show there."""
+    once where the weights do (one short sequence, a wide model): a gradient of the frozen base would
+    show there, its accumulator alone over 3x all of the update's temporaries."""
     c = _long_sequences_config()
     c.model.lora.rank = 8
     model_cfg = TINY
-    if target == "weights":
-        c.rollout.max_prompt_len, c.rollout.proposer_max_new_tokens, c.rollout.solver_max_new_tokens = 8, 8, 8
-        model_cfg = dataclasses.replace(TINY, hidden_size=256, intermediate_size=1024, head_dim=64)
+    if target == "weights":  # one sequence of 16 + 4 tokens per micro-batch through a 512-wide model
+        c.rollout.max_prompt_len, c.rollout.proposer_max_new_tokens, c.rollout.solver_max_new_tokens = 8, 4, 4
+        c.rl.micro_batch_size = 1
+        model_cfg = dataclasses.replace(TINY, hidden_size=512, intermediate_size=1024, num_heads=8, head_dim=64)
     expected = plan.memory_plan(c, model_cfg, {})
     assert "reference weights" not in [r.name for r in expected.rows]
     weights = plan.weights_bytes(plan.param_layout(model_cfg), plan.abstract_mesh({}))
@@ -197,9 +198,8 @@ def test_lora_update_trains_the_adapters_alone(target):
     analysis = _compiled_update(c, model_cfg, prompt_group=1)
     resident = expected.row("parameters").bytes + expected.row("optimizer state").bytes
     _within(resident, analysis.argument_size_in_bytes, "train state and frozen base")
-    if target == "weights":
-        assert weights > 4 * analysis.temp_size_in_bytes
-        assert expected.phase_bytes("training") >= analysis.temp_size_in_bytes  # short: an upper bound
+    if target == "weights":  # full fine-tuning's temporaries here are 2.4x the weights (its gradients)
+        assert analysis.temp_size_in_bytes < weights / 3
     else:
         _within(expected.phase_bytes("training"), analysis.temp_size_in_bytes, "training")
 
