@@ -138,7 +138,9 @@ def compiled_updates(args, cfg: ModelConfig, mesh, micro: dict) -> dict[str, lis
     tx = make_optimizer(base_config().optim, total_updates=1000)
     methods = {"full": (graphdef, params, None)}
     if args.lora_rank:
-        adapted, adapters, frozen = lora.attach(graphdef, params, lora.LoraSpec(rank=args.lora_rank), seed=0)
+        # A base of its own: full fine-tuning's update donates (deletes) the parameters it is given.
+        adapted, adapters, frozen = lora.attach(graphdef, jax.tree.map(jnp.copy, params),
+                                                lora.LoraSpec(rank=args.lora_rank), seed=0)
         methods[f"LoRA r={args.lora_rank}"] = (adapted, jax.device_put(adapters, mesh_lib.replicated(mesh)), frozen)
     out = {}
     for name, (g, trained, frozen) in methods.items():

@@ -229,10 +229,8 @@ class MLP(nnx.Module):
         b, t, d = x.shape
         x = x.reshape(b * t, d)
         gate_up = self.gate_up[...].astype(x.dtype)
-        if self.lora_gate_up is None:
-            hidden = swiglu(x, gate_up)  # [N·T, F]
-        else:  # autodiff: the hand-written backward's point is the frozen weight's gradient, not needed
-            hidden = _gated((x @ gate_up.reshape(d, -1) + self.lora_gate_up(x)).reshape(b * t, 2, -1))
+        extra = None if self.lora_gate_up is None else self.lora_gate_up(x)
+        hidden = swiglu(x, gate_up, extra)  # [N·T, F]
         out = hidden @ self.down[...].astype(x.dtype)
         if self.lora_down is not None:
             out = out + self.lora_down(hidden)
@@ -245,8 +243,9 @@ def _gated(projected: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def swiglu(x: jax.Array, gate_up: jax.Array) -> jax.Array:
-    """`silu(x @ gate) · (x @ up)` for x `[N·T, D]` and the fused weight `gate_up [D, 2, F]` -> `[N·T, F]`.
+def swiglu(x: jax.Array, gate_up: jax.Array, extra: jax.Array | None) -> jax.Array:
+    """`silu(x @ gate) · (x @ up)` for x `[N·T, D]` and the fused weight `gate_up [D, 2, F]` -> `[N·T, F]`;
+    `extra [N·T, 2F]` (a LoRA adapter's update, or None) is added to the projection first.
 
     The backward pass is written by hand; autodiff's cost ~5% more per training step on CPU
     (bench/vs_trl.py), in two places:
@@ -255,23 +254,27 @@ def swiglu(x: jax.Array, gate_up: jax.Array) -> jax.Array:
       * for the weight's gradient XLA transposed that `[N·T, 2F]` gradient rather than the 2F/D times
         smaller x. The barrier makes it transpose x: XLA cannot fold an explicit x.T back into the dot.
     """
-    return _swiglu_fwd(x, gate_up)[0]
+    return _swiglu_fwd(x, gate_up, extra)[0]
 
 
-def _swiglu_fwd(x, gate_up):
-    projected = (x @ gate_up.reshape(gate_up.shape[0], -1)).reshape(x.shape[0], 2, -1)  # [N·T, 2, F]
-    return _gated(projected), (x, gate_up, projected)
+def _swiglu_fwd(x, gate_up, extra):
+    projected = x @ gate_up.reshape(gate_up.shape[0], -1)
+    if extra is not None:
+        projected = projected + extra
+    projected = projected.reshape(x.shape[0], 2, -1)  # [N·T, 2, F]
+    return _gated(projected), (x, gate_up, projected, extra is not None)
 
 
 def _swiglu_bwd(residuals, d_out):
-    x, gate_up, projected = residuals
+    # With the weight frozen (LoRA) its gradient is unused and XLA drops its computation.
+    x, gate_up, projected, has_extra = residuals
     gate, up = projected[:, 0], projected[:, 1]
     sig = jax.nn.sigmoid(gate)
     d_gate = d_out * up * sig * (1 + gate * (1 - sig))  # d silu(g) / dg = σ(g)·(1 + g·(1 − σ(g)))
     d_projected = jnp.stack([d_gate, d_out * gate * sig], axis=1).reshape(x.shape[0], -1)  # [N·T, 2F]
     weight = gate_up.reshape(gate_up.shape[0], -1)
     d_weight = jax.lax.optimization_barrier(x.T) @ d_projected
-    return d_projected @ weight.T, d_weight.reshape(gate_up.shape)
+    return d_projected @ weight.T, d_weight.reshape(gate_up.shape), d_projected if has_extra else None
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
