@@ -19,6 +19,13 @@ n samples of a prompt do in training) and the update runs it once per group (Rol
 its tokens count once per group. Embedding lookups, norms, softmax, the loss and the optimizer are not
 counted; their time is.
 
+With --lora-rank=r the same update also runs on LoRA adapters of rank r (model.lora: all four fused
+projections, alpha 16) over the frozen base, alternating with full fine-tuning in each round, and the
+table gives both, with XLA's memory accounting of each compiled update: "train state" (the donated
+state: parameters and AdamW moments, plus the frozen base with LoRA) and "temporaries" (gradients,
+activations, logits). LoRA's FLOPs count the frozen weights' matmuls twice (forward, input gradient)
+instead of three times; the adapters' own are not counted.
+
 Rows are split over every local device (common.data_mesh), weights replicated, in both parts: by default
 the CPU is one XLA device whose operations use all cores; XLA_FLAGS=--xla_force_host_platform_device_count=2
 makes one device per core (data parallelism across cores). The peak is one jnp.dot on the first device.
@@ -33,6 +40,7 @@ separately.
     python bench/train_step.py
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/train_step.py
     python bench/train_step.py --skip-update     # part 2 only (--skip-self-play: part 1 only)
+    python bench/train_step.py --lora-rank=8 --skip-self-play   # the update: LoRA beside full fine-tuning
 """
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ import functools
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -55,6 +64,7 @@ from common import (add_model_args, data_mesh, machine_line, markdown_table, mat
 from sqlm_jax import mesh as mesh_lib  # noqa: E402
 from sqlm_jax.defaults import base_config  # noqa: E402
 from sqlm_jax.models import ModelConfig, Transformer, save_pretrained  # noqa: E402
+from sqlm_jax.models import lora  # noqa: E402
 from sqlm_jax.train_step import (LossConfig, RoleBatch, TrainState, make_optimizer,  # noqa: E402
                                  policy_loss_fn, train_step)
 
@@ -70,6 +80,8 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--prompt-group", type=int, default=1,
                    help="sequences sharing one prompt pass (RoleBatch.prompt_group; 1: a full pass each)")
     g.add_argument("--rounds", type=int, default=5)
+    g.add_argument("--lora-rank", type=int, default=0,
+                   help="also time the update of LoRA adapters of this rank (0: full fine-tuning only)")
     g = p.add_argument_group("part 2: one self-play step")
     g.add_argument("--batch-size", type=int, default=16, help="B: proposer rows per step")
     g.add_argument("--n", type=int, default=4)
@@ -83,21 +95,22 @@ def parse_args() -> argparse.Namespace:
 
 
 def train_flops(cfg: ModelConfig, sequences: int, prompt_len: int, response_len: int,
-                prompt_group: int = 1) -> float:
+                prompt_group: int = 1, frozen_weights: bool = False) -> float:
     """FLOPs of one update (forward + backward) on `sequences` sequences; see the module docstring.
 
     With `prompt_group` g > 1 the prompt runs once per g sequences (transformer.response_hidden): its
     tokens and its queries' attention count once per group. Attention is dense over all prompt + response
-    positions in both cases (the cache path has P + R slots), as computed."""
+    positions in both cases (the cache path has P + R slots), as computed. `frozen_weights` (LoRA): the
+    weights get no gradient, so their matmuls run twice, not three times."""
     d, dh, seq = cfg.hidden_size, cfg.head_dim, prompt_len + response_len
     groups = sequences // prompt_group
     per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * dh + cfg.num_heads * dh * d \
         + 3 * d * cfg.intermediate_size
     attention = 4 * cfg.num_layers * cfg.num_heads * dh
-    forward = (2 * per_layer * cfg.num_layers * (sequences * response_len + groups * prompt_len)
-               + 2 * cfg.vocab_size * d * sequences * response_len
-               + attention * seq * (sequences * response_len + groups * prompt_len))
-    return 3 * forward
+    weights = (2 * per_layer * cfg.num_layers * (sequences * response_len + groups * prompt_len)
+               + 2 * cfg.vocab_size * d * sequences * response_len)
+    return (2 if frozen_weights else 3) * weights + 3 * attention * seq * (sequences * response_len
+                                                                            + groups * prompt_len)
 
 
 def random_batch(cfg: ModelConfig, sequences: int, prompt_len: int, response_len: int,
@@ -116,52 +129,81 @@ def random_batch(cfg: ModelConfig, sequences: int, prompt_len: int, response_len
                      prompt_group=prompt_group)
 
 
-def bench_update(args) -> None:
-    cfg, mesh = model_config(args), data_mesh()
+def compiled_updates(args, cfg: ModelConfig, mesh, micro: dict) -> dict[str, list]:
+    """{method: [train state, frozen base or None, {micro-batch size: compiled update}]} for full
+    fine-tuning and, with --lora-rank, LoRA; each update compiled once with the state donated, as
+    Trainer runs it."""
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     params = jax.device_put(params, mesh_lib.replicated(mesh))
     tx = make_optimizer(base_config().optim, total_updates=1000)
-    update = jax.jit(functools.partial(train_step, loss_fn=policy_loss_fn(graphdef, LossConfig()), tx=tx),
-                     donate_argnums=0)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    methods = {"full": (graphdef, params, None)}
+    if args.lora_rank:
+        # A base of its own: full fine-tuning's update donates (deletes) the parameters it is given.
+        adapted, adapters, frozen = lora.attach(graphdef, jax.tree.map(jnp.copy, params),
+                                                lora.LoraSpec(rank=args.lora_rank), seed=0)
+        methods[f"LoRA r={args.lora_rank}"] = (adapted, jax.device_put(adapters, mesh_lib.replicated(mesh)), frozen)
+    out = {}
+    for name, (g, trained, frozen) in methods.items():
+        update = jax.jit(functools.partial(_update, loss_fn=policy_loss_fn(g, LossConfig()), tx=tx),
+                         donate_argnums=0)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=trained, opt_state=tx.init(trained))
+        out[name] = [state, frozen, {mb: update.lower(state, batch, frozen).compile() for mb, batch in micro.items()}]
+    return out
+
+
+def _update(state, micro_batches, frozen, *, loss_fn, tx):
+    return train_step(state, micro_batches, loss_fn=lora.with_frozen(loss_fn, frozen), tx=tx)
+
+
+def bench_update(args) -> None:
+    cfg, mesh = model_config(args), data_mesh()
     batch = random_batch(cfg, args.sequences, args.prompt_len, args.response_len, args.prompt_group)
     micro_sizes = [int(m) for m in args.micro_batches.split(",")]
     micro = {mb: micro_batches(batch, mb, mesh) for mb in micro_sizes}
+    start = time.perf_counter()
+    updates = compiled_updates(args, cfg, mesh, micro)
+    compile_s = (time.perf_counter() - start) / (len(updates) * len(micro_sizes))
 
-    def step(mb):
-        nonlocal state
-        state, metrics = update(state, micro[mb])
+    def step(method, mb):
+        state, frozen, compiled = updates[method]
+        updates[method][0], metrics = compiled[mb](state, micro[mb], frozen)
         return metrics
 
-    compile_s = {mb: timed(step, mb)[1] for mb in micro_sizes}
-    peaks, walls, cpus = [], {mb: [] for mb in micro_sizes}, {mb: [] for mb in micro_sizes}
+    cases = [(method, mb) for method in updates for mb in micro_sizes]
+    first_s = {case: timed(step, *case)[1] for case in cases}
+    peaks, walls, cpus = [], {case: [] for case in cases}, {case: [] for case in cases}
     for _ in range(args.rounds):
         peaks.append(matmul_peak_flops())
-        for mb in micro_sizes:
-            _, wall, cpu = timed(step, mb)
-            walls[mb].append(wall)
-            cpus[mb].append(cpu)
+        for case in cases:
+            _, wall, cpu = timed(step, *case)
+            walls[case].append(wall)
+            cpus[case].append(cpu)
 
-    flops = train_flops(cfg, args.sequences, args.prompt_len, args.response_len, args.prompt_group)
+    flops = {method: train_flops(cfg, args.sequences, args.prompt_len, args.response_len, args.prompt_group,
+                                 frozen_weights=method != "full") for method in updates}
     tokens = args.sequences * (args.prompt_len + args.response_len)  # as a full pass per sequence has them
     rows = []
-    for mb in micro_sizes:
-        s = median(walls[mb])
-        of_peak = median([flops / t / p.per_second for t, p in zip(walls[mb], peaks)])
-        of_peak_cpu = median([flops / c / p.per_cpu_second for c, p in zip(cpus[mb], peaks)])
-        rows.append([f"{args.sequences // mb} x {mb}", f"{s * 1e3:.0f} ms", f"{median(cpus[mb]):.2f} s",
-                     f"{tokens / s:,.0f}", f"{flops / s / 1e9:.1f}", f"**{of_peak:.0%}**", f"{of_peak_cpu:.0%}",
-                     f"{compile_s[mb]:.1f} s"])
+    for method, mb in cases:
+        s, f = median(walls[method, mb]), flops[method]
+        of_peak = median([f / t / p.per_second for t, p in zip(walls[method, mb], peaks)])
+        of_peak_cpu = median([f / c / p.per_cpu_second for c, p in zip(cpus[method, mb], peaks)])
+        memory = updates[method][2][mb].memory_analysis()
+        rows.append([method, f"{args.sequences // mb} x {mb}", f"{s * 1e3:.0f} ms", f"{median(cpus[method, mb]):.2f} s",
+                     f"{tokens / s:,.0f}", f"{f / s / 1e9:.1f}", f"**{of_peak:.0%}**", f"{of_peak_cpu:.0%}",
+                     f"{compile_s + first_s[method, mb]:.1f} s", f"{memory.argument_size_in_bytes / 2**20:.1f}",
+                     f"{memory.temp_size_in_bytes / 2**20:.1f}"])
     print(f"\n## Update: {cfg.num_params() / 1e6:.2f}M parameters (hidden {cfg.hidden_size}, {cfg.num_layers} "
           f"layers, {cfg.num_heads} heads / {cfg.num_kv_heads} kv, MLP {cfg.intermediate_size}, vocab "
           f"{cfg.vocab_size}); {args.sequences} sequences x ({args.prompt_len} + {args.response_len}) tokens "
-          f"= {tokens} tokens, prompt groups of {args.prompt_group}, {flops / 1e9:.1f} GFLOP per update")
+          f"= {tokens} tokens, prompt groups of {args.prompt_group}; GFLOP per update: "
+          + ", ".join(f"{m} {f / 1e9:.1f}" for m, f in flops.items()))
     wall_peaks, cpu_peaks = [p.per_second for p in peaks], [p.per_cpu_second for p in peaks]
     print(f"float32 matmul peak (2048^3 jnp.dot), median of {args.rounds} rounds: "
           f"{median(wall_peaks) / 1e9:.1f} GFLOP/s (min {min(wall_peaks) / 1e9:.1f}, max "
           f"{max(wall_peaks) / 1e9:.1f}); per CPU second: {median(cpu_peaks) / 1e9:.1f} GFLOP\n")
-    print(markdown_table(["micro-batches x size", "step (median)", "CPU time", "tokens/s", "GFLOP/s",
-                          "of peak", "of peak per CPU second", "compile + first step"], rows))
+    print(markdown_table(["fine-tuning", "micro-batches x size", "step (median)", "CPU time", "tokens/s", "GFLOP/s",
+                          "of peak", "of peak per CPU second", "compile + first step",
+                          "XLA arguments MiB (state, base, batch)", "XLA temporaries MiB"], rows))
 
 
 def self_play_steps(args, work: Path) -> tuple[ModelConfig, list[dict[str, float]]]:

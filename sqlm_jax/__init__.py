@@ -23,7 +23,7 @@ Modules, one line each:
   sampling     prefill + decode with a KV cache in one jit
   evaluate     greedy / sampled accuracy on held-out problems
   mesh         the device mesh, logical-axis rules, and putting rows on it
-  models/      the decoder (transformer), its config, the critic, Hugging Face I/O
+  models/      the decoder (transformer), its config, LoRA adapters, the critic, Hugging Face I/O
   tasks/       prompts, parsing and held-out sets per task; sandbox runs generated programs
   plan         per-device memory plan; plots, run_log, checkpoints, workdir: a run's outputs
 

@@ -1,15 +1,20 @@
 """Memory per device of the accelerators the plan knows (sqlm_jax.plan): by name, and of this process's devices;
-and the bytes one device holds of a tensor sharded on a (device-free) mesh."""
+the model's parameter shapes (adapters included) and the bytes one device holds of a tensor sharded on a
+(device-free) mesh."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AbstractMesh
 
 from sqlm_jax import mesh as mesh_lib
+from sqlm_jax.models.config import ModelConfig
+from sqlm_jax.models.lora import LoraSpec
 
 GiB = 2 ** 30
 # Memory per chip (per GPU). "cpu" is the host's RAM, shared by all of the host's devices.
@@ -78,6 +83,27 @@ def shard_bytes(shape: Sequence[int], axes: Sequence[str | None], itemsize: int,
         targets = (target,) if isinstance(target, str) else tuple(target or ())
         local *= dim // math.prod(mesh.shape[t] for t in targets)
     return local * itemsize
+
+
+@functools.lru_cache(maxsize=8)  # auto_knobs plans one model many times
+def param_layout(model_cfg: ModelConfig, lora_spec: LoraSpec | None = None
+                 ) -> list[tuple[tuple[int, ...], tuple, np.dtype]]:
+    """(shape, logical axes, dtype) of every parameter, or with `lora_spec` of the LoRA adapters
+    alone, from an abstract model (nothing allocated)."""
+    from flax import nnx
+    from sqlm_jax.models.lora import add_adapters
+    from sqlm_jax.models.transformer import Transformer
+
+    def build():
+        model = Transformer(model_cfg, rngs=nnx.Rngs(0))
+        if lora_spec is not None:
+            add_adapters(model, lora_spec, nnx.Rngs(0))
+        return model
+
+    variables = jax.tree.leaves(nnx.state(nnx.eval_shape(build), nnx.Param if lora_spec is None else nnx.LoRAParam),
+                                is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return [(tuple(v.shape), v.get_metadata().get("axes") or (None,) * len(v.shape), np.dtype(v.dtype))
+            for v in variables]
 
 
 def weights_bytes(layout, mesh) -> int:

@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
 
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax import rl
+from sqlm_jax.models import lora
 from sqlm_jax.sampling import SampleOutput
 from sqlm_jax.train_step import (LossAgg, LossConfig, RoleBatch, TrainState, batch_logprobs, batch_values,
                                  make_optimizer, policy_loss_fn, train_step, value_loss_fn)
@@ -81,19 +83,30 @@ def updates_per_run(config, critic: bool = False) -> int:
 class Learner:
     """The policy's TrainState (and the critic's), the reference weights, and their compiled passes.
 
-    `critic` is `(graphdef, params)` of a models.critic.Critic already on the mesh, or None (GRPO).
+    `(graphdef, params)` is the loaded policy. With model.lora.rank > 0 adapters are attached to it
+    (models/lora.py) and the TrainState holds them alone (so do the optimizer state, the gradients and
+    the checkpoints); the base is `frozen`, an argument of every pass and never donated, and the KL
+    reference is that base with the adapters off: no second copy of the weights. `critic` is
+    `(graphdef, params)` of a models.critic.Critic already on the mesh, or None (GRPO); it is trained
+    whole either way.
     """
 
     def __init__(self, config, mesh, graphdef, params, *, critic=None):
         c = self.config = config
-        self.mesh, self.graphdef = mesh, graphdef
+        self.mesh, self.reference_graphdef = mesh, graphdef
         self.rows_per_device = c.rl.micro_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
-        # A real copy: the policy's buffers are donated to each update.
-        self.ref_params = jax.tree.map(jnp.copy, params) if c.rl.use_kl else None
+        spec = lora.LoraSpec.from_config(c.model.lora)
+        if spec.rank:
+            self.graphdef, params, self.frozen = lora.attach(graphdef, params, spec, seed=c.seed, mesh=mesh)
+            self.ref_params = self.frozen if c.rl.use_kl else None
+        else:
+            self.graphdef, self.frozen = graphdef, None
+            # A real copy: the policy's buffers are donated to each update.
+            self.ref_params = jax.tree.map(jnp.copy, params) if c.rl.use_kl else None
         total = updates_per_run(c)
         self.state, self._update = self._compiled(
             params, make_optimizer(c.optim, total_updates=total),
-            policy_loss_fn(graphdef, LossConfig.from_config(c.rl)))
+            policy_loss_fn(self.graphdef, LossConfig.from_config(c.rl)))
         self.critic_graphdef = self.critic_state = None
         if critic is not None:
             self.critic_graphdef, critic_params = critic
@@ -105,7 +118,7 @@ class Learner:
         self._prepare = jax.jit(self._prepare_fn)
 
     def _compiled(self, params, tx, loss_fn):
-        """A TrainState placed on the mesh and its jitted `update(state, batch)`.
+        """A TrainState placed on the mesh and its jitted `update(state, batch, frozen)`.
 
         Optimizer moments shard like their parameters; step counters are replicated.
         """
@@ -117,16 +130,17 @@ class Learner:
         shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
         state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
                         out_shardings=shardings)(params)
-        step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, agg=LossAgg.from_config(self.config.rl))
-        update = jax.jit(functools.partial(self._update_fn, step=step), donate_argnums=0,
+        update = jax.jit(functools.partial(self._update_fn, loss_fn=loss_fn, tx=tx), donate_argnums=0,
                          out_shardings=(shardings, None))
         return state, update
 
     # ------------------------------------------------------------------------------ what is trained
     @property
     def policy(self):
-        """The policy as `(graphdef, params)`, the form the sampler takes."""
-        return self.graphdef, self.state.params
+        """The policy as `(graphdef, params)`, the form the sampler takes (with LoRA: the adapted model,
+        base and adapters in one State of the same arrays)."""
+        params = self.state.params
+        return self.graphdef, params if self.frozen is None else nnx.merge_state(self.frozen, params)
 
     @property
     def states(self) -> dict[str, TrainState]:
@@ -178,17 +192,18 @@ class Learner:
         """
         critic_params = None if self.critic_state is None else self.critic_state.params
         rewards = mesh_lib.shard_rows(np.asarray(rewards, np.float32), self.mesh)
-        return self._prepare(params=self.state.params, ref_params=self.ref_params, critic_params=critic_params,
+        return self._prepare(params=self.policy[1], ref_params=self.ref_params, critic_params=critic_params,
                              batch=batch, rewards=rewards, sampler_logprobs=sampler_logprobs)
 
     def _prepare_fn(self, *, params, ref_params, critic_params, batch: RoleBatch, rewards, sampler_logprobs):
         micro, mask = self._micro_batches(batch, -1), batch.response_mask
         flat = lambda x: x.reshape(mask.shape)
         zeros = jnp.zeros(mask.shape, jnp.float32)
-        logprobs = lambda p: flat(batch_logprobs(self.graphdef, p, micro, self.config.rl.logits_chunk_mib))
+        logprobs = lambda p, graphdef=self.graphdef: flat(batch_logprobs(graphdef, p, micro,
+                                                                         self.config.rl.logits_chunk_mib))
         old = (logprobs(params) if sampler_logprobs is None
                else jnp.where(mask, sampler_logprobs, 0.0))
-        ref = zeros if ref_params is None else logprobs(ref_params)
+        ref = zeros if ref_params is None else logprobs(ref_params, self.reference_graphdef)
         values = zeros if critic_params is None else flat(batch_values(self.critic_graphdef, critic_params, micro))
         rl_cfg = self.config.rl
         if rl_cfg.advantage == "grpo":
@@ -207,14 +222,16 @@ class Learner:
         device, for `fetch`, the critic's named critic_*."""
         metrics = {}
         if critic and self.critic_state is not None:
-            self.critic_state, values = self._critic_update(self.critic_state, batch)
+            self.critic_state, values = self._critic_update(self.critic_state, batch, None)
             metrics = {f"critic_{k}": v for k, v in values.items()}
         if actor:
-            self.state, policy = self._update(self.state, batch)
+            self.state, policy = self._update(self.state, batch, self.frozen)
             metrics.update(policy)
         return metrics
 
-    def _update_fn(self, state: TrainState, batch: RoleBatch, *, step):
+    def _update_fn(self, state: TrainState, batch: RoleBatch, frozen, *, loss_fn, tx):
+        step = functools.partial(train_step, loss_fn=lora.with_frozen(loss_fn, frozen), tx=tx,
+                                 agg=LossAgg.from_config(self.config.rl))
         rows = self.config.rl.mini_batch_size * self.config.rollout.n
         mini = self._micro_batches(batch, batch.response_ids.shape[0] // rows, -1)  # [mini, M, mb, ...]
         metrics = []

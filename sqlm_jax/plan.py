@@ -12,6 +12,8 @@ layer), since XLA on CPU does not show remat's saving at all. The update's share
 (rl.shared_prompt_pass) is not modelled: the training figure is then an upper bound. It models the
 memory knobs as the code runs them: logits in chunks (rl.logits_chunk_mib), rows in flight with slot
 refill (rollout.rows_in_flight); -1 ("auto") knobs are first set to the largest that fit (auto_knobs).
+With LoRA (model.lora.rank > 0) the optimizer state and the gradients are the adapters' alone and the
+KL reference is the frozen base itself (no reference copy).
 
 A step has two phases that never hold their big buffers at the same time: sampling (the KV cache) and
 training (gradients, activations, logits). Weights and optimizer state live through both. So
@@ -21,7 +23,6 @@ training (gradients, activations, logits). Weights and optimizer state live thro
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -34,10 +35,11 @@ import numpy as np
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax import refill
 from sqlm_jax.device_memory import (GiB, HBM_BYTES, abstract_mesh, accelerator_bytes,  # noqa: F401
-                                    host_ram_bytes, local_device_bytes, parse_accelerator, shard_bytes,
-                                    weights_bytes)
+                                    host_ram_bytes, local_device_bytes, param_layout, parse_accelerator,
+                                    shard_bytes, weights_bytes)
 from sqlm_jax.models.config import ModelConfig
 from sqlm_jax.models.hf import is_local_path, read_model_config, resolve_checkpoint
+from sqlm_jax.models.lora import LoraSpec
 from sqlm_jax.sampling import bucket_length
 from sqlm_jax.train_step import chunk_positions
 
@@ -112,19 +114,6 @@ def load_model_config(config) -> ModelConfig:
     return ModelConfig.from_hf_dict(json.loads(source.read_text()), **runtime)
 
 
-@functools.lru_cache(maxsize=8)  # auto_knobs plans one model many times
-def param_layout(model_cfg: ModelConfig) -> list[tuple[tuple[int, ...], tuple, np.dtype]]:
-    """(shape, logical axes, dtype) of every parameter, from an abstract model (nothing allocated)."""
-    from flax import nnx
-    from sqlm_jax.models.transformer import Transformer
-
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    variables = jax.tree.leaves(nnx.state(abstract, nnx.Param),
-                                is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return [(tuple(v.shape), v.get_metadata().get("axes") or (None,) * len(v.shape), np.dtype(v.dtype))
-            for v in variables]
-
-
 def sampling_calls(config, devices: int = 1) -> dict[str, tuple[int, int, int, int]]:
     """(prompts, rows in flight, prompt slots, response slots) of the two sampler calls of a step, on
     `devices` batch devices (data × fsdp).
@@ -194,7 +183,7 @@ def _layer_activations(cfg: ModelConfig, mb: int, seq: int, mesh) -> int:
                for shape, axes, size, copies in per_token)
 
 
-def _training_rows(config, cfg: ModelConfig, mesh, weights: int) -> list[Row]:
+def _training_rows(config, cfg: ModelConfig, mesh, trained: int) -> list[Row]:
     mb = config.rl.micro_batch_size
     if mb < 1:
         raise ValueError("rl.micro_batch_size=-1 (auto): resolve it first (auto_knobs.resolve)")
@@ -215,7 +204,7 @@ def _training_rows(config, cfg: ModelConfig, mesh, weights: int) -> list[Row]:
     copies = 5 if c == response else 3
     logits = copies * shard_bytes((mb, c, cfg.vocab_size), ("batch", None, "vocab"), 4, mesh)
     return [
-        Row("gradients", "training", 2 * weights, "accumulator + one micro-batch's (param dtype)"),
+        Row("gradients", "training", 2 * trained, "accumulator + one micro-batch's, of what is trained"),
         Row("activations", "training", activations,
             f"micro-batch {mb} x {seq} tokens, {how} (estimate)"),
         Row("logits", "training", logits, f"[{mb}, {c} of {response}, {cfg.vocab_size}] float32 x{copies}"),
@@ -250,17 +239,22 @@ def _sampling_rows(config, cfg: ModelConfig, mesh) -> list[Row]:
 def memory_plan(config, model_cfg: ModelConfig, mesh_shape: Mapping[str, int]) -> Plan:
     """The per-device memory of `config` with `model_cfg` on a mesh of `mesh_shape` ({data, fsdp, tensor})."""
     mesh = abstract_mesh(mesh_shape)
-    layout = param_layout(model_cfg)
-    weights = weights_bytes(layout, mesh)
-    dtype = model_cfg.param_dtype
-    rows = [Row("parameters", "resident", weights,
-                f"{model_cfg.num_params() / 1e9:.2f}B {dtype}, sharded by the logical-axis rules"),
-            Row("optimizer state", "resident", 2 * weights, f"AdamW mu + nu ({dtype}, as the params)")]
-    if config.rl.use_kl:
+    weights, dtype = weights_bytes(param_layout(model_cfg), mesh), model_cfg.param_dtype
+    spec = LoraSpec.from_config(config.model.lora)
+    # LoRA: what is trained (optimizer moments, gradients) is the adapters; the frozen base is the
+    # KL reference, so there is no reference copy.
+    adapters = weights_bytes(param_layout(model_cfg, spec), mesh) if spec.rank else 0
+    trained = adapters if spec.rank else weights
+    lora_note = f" + LoRA rank {spec.rank} adapters ({adapters / 2**20:.1f} MiB float32)" if spec.rank else ""
+    rows = [Row("parameters", "resident", weights + adapters,
+                f"{model_cfg.num_params() / 1e9:.2f}B {dtype}, sharded by the logical-axis rules{lora_note}"),
+            Row("optimizer state", "resident", 2 * trained,
+                "AdamW mu + nu of the adapters" if spec.rank else f"AdamW mu + nu ({dtype}, as the params)")]
+    if config.rl.use_kl and not spec.rank:
         rows.append(Row("reference weights", "resident", weights, "frozen initial policy for the KL term"))
     if config.rl.advantage == "gae":
         rows.append(Row("critic", "resident", 3 * weights, "value model weights + AdamW mu, nu"))
-    rows += _sampling_rows(config, model_cfg, mesh) + _training_rows(config, model_cfg, mesh, weights)
+    rows += _sampling_rows(config, model_cfg, mesh) + _training_rows(config, model_cfg, mesh, trained)
     sizes = {a: int(mesh_shape.get(a, 1)) for a in mesh_lib.AXES}
     title = (f"{config.model.path} ({model_cfg.num_params() / 1e9:.2f}B params, {dtype} weights, "
              f"{model_cfg.compute_dtype} compute, remat={model_cfg.remat}) on mesh "

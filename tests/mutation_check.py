@@ -17,6 +17,7 @@ EVALUATE = "sqlm_jax/evaluate.py"
 E2E = "tests/test_reward_to_update.py"
 MODES = "tests/test_rollout.py"
 STEP, LOSS = "sqlm_jax/train_step.py", "tests/test_loss_agg.py"
+LORA, LORA_TESTS = "sqlm_jax/models/lora.py", "tests/test_lora.py"
 
 MUTATIONS = [
     ("advantage sign flipped", LEARNER, "sequence = rl.grpo_advantages(rewards, rl_cfg.grpo_eps)",
@@ -44,7 +45,8 @@ MUTATIONS = [
      "last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)", "last = jnp.zeros(mask.shape[0], jnp.int32)",
      [E2E + "::test_gae_places_the_outcome_on_the_last_token_and_whitens_the_rows_in_the_loss"]),
     ("reference log-probs from the current policy", LEARNER,
-     "ref = zeros if ref_params is None else logprobs(ref_params)", "ref = zeros if ref_params is None else logprobs(params)",
+     "ref = zeros if ref_params is None else logprobs(ref_params, self.reference_graphdef)",
+     "ref = zeros if ref_params is None else logprobs(params)",
      [E2E + "::test_rewards_advantages_and_first_update_by_hand"]),
     ("critic trained on proposals only on proposer steps", TRAIN,
      "for role, r in rollouts.items() if actor[role] or has_critic})",
@@ -70,6 +72,24 @@ MUTATIONS = [
      "merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(n, parts * c)[:, -r:]", ["tests/test_chunked_loss.py"]),
     ("dataset pool includes held-out problems", ROLLOUT, "for q, truth in problems if q.text not in heldout]",
      "for q, truth in problems]", [MODES + "::test_dataset_pool_leaves_out_the_heldout_problems"]),
+    # LoRA (models/lora.py and what uses it)
+    ("LoRA scale dropped", LORA, "low = (x @ self.a[...].astype(x.dtype).reshape(-1, r)) * self.scale",
+     "low = x @ self.a[...].astype(x.dtype).reshape(-1, r)", [LORA_TESTS + "::test_adapter_by_hand"]),
+    ("LoRA B initialised at random", LORA, "self.b = nnx.LoRAParam(jnp.zeros(", "self.b = nnx.LoRAParam(jnp.ones(",
+     [LORA_TESTS + "::test_adapted_model_starts_as_its_base_and_exports_merged"]),
+    ("o adapter not applied", "sqlm_jax/models/transformer.py", "projected = projected + self.lora_o(out)",
+     "projected = projected", [LORA_TESTS + "::test_adapted_model_starts_as_its_base_and_exports_merged"]),
+    ("export without merging the adapters", "sqlm_jax/models/hf.py", "value = adapters[rule.ours].merged(value)",
+     "pass", [LORA_TESTS + "::test_adapted_model_starts_as_its_base_and_exports_merged"]),
+    ("LoRA reference log-probs from the adapted policy", LEARNER,
+     "ref = zeros if ref_params is None else logprobs(ref_params, self.reference_graphdef)",
+     "ref = zeros if ref_params is None else logprobs(params)",
+     [LORA_TESTS + "::test_lora_trains_the_adapters_against_the_base"]),
+    ("LoRA reference a copy of the base", LEARNER, "self.ref_params = self.frozen if c.rl.use_kl else None",
+     "self.ref_params = jax.tree.map(jnp.copy, self.frozen) if c.rl.use_kl else None",
+     [LORA_TESTS + "::test_lora_trains_the_adapters_against_the_base"]),
+    ("plan: LoRA optimizer state as full fine-tuning's", "sqlm_jax/plan.py", "trained = adapters if spec.rank else weights",
+     "trained = weights", ["tests/test_plan.py::test_lora_update_trains_the_adapters_alone"]),
 ]
 
 

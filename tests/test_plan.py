@@ -5,7 +5,6 @@ phases against XLA's own accounting (`memory_analysis()`) of the compiled sample
 programs a run really executes, on one CPU device.
 """
 import dataclasses
-import functools
 import math
 import os
 import subprocess
@@ -22,6 +21,7 @@ from jax.sharding import NamedSharding
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax import plan, sampling
 from sqlm_jax.defaults import base_config
+from sqlm_jax.models import lora
 from sqlm_jax.models.config import ModelConfig
 from sqlm_jax.models.transformer import Transformer
 from sqlm_jax.train_step import LossConfig, RoleBatch, TrainState, make_optimizer, policy_loss_fn, train_step
@@ -118,13 +118,22 @@ def test_sampling_phase_matches_the_compiled_sampler(monkeypatch, role, rollout)
 
 
 def _compiled_update(c, model_cfg: ModelConfig, prompt_group: int):
-    """XLA's memory analysis of the update the trainer compiles (train.py `_compiled_learner`) for
-    one mini-batch of 2 micro-batches of the plan's sizes, lowered on abstract shapes (nothing is
-    allocated or run)."""
+    """XLA's memory analysis of the update the trainer compiles (learner.py `_compiled`) for one
+    mini-batch of 2 micro-batches of the plan's sizes, lowered on abstract shapes (nothing is allocated
+    or run). With model.lora.rank the state holds the adapters and the frozen base is an argument."""
     mb, m = c.rl.micro_batch_size, 2
     prompt_len = sampling.bucket_length(c.rollout.max_prompt_len)
     response_len = max(c.rollout.proposer_max_new_tokens, c.rollout.solver_max_new_tokens)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    spec = lora.LoraSpec.from_config(c.model.lora)
+
+    def model():
+        built = Transformer(model_cfg, rngs=nnx.Rngs(0))
+        if spec.rank:
+            lora.add_adapters(built, spec, nnx.Rngs(0))
+        return built
+
+    graphdef, params, frozen = (nnx.split(nnx.eval_shape(model), nnx.LoRAParam, ...) if spec.rank
+                                else (*nnx.split(nnx.eval_shape(model), nnx.Param), None))
     tx = make_optimizer(c.optim, 10)
     state = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
                            params)
@@ -135,9 +144,10 @@ def _compiled_update(c, model_cfg: ModelConfig, prompt_group: int):
 
     batch = RoleBatch(**{f.name: field(f.name) for f in dataclasses.fields(RoleBatch) if f.name != "prompt_group"},
                       prompt_group=prompt_group)
-    update = jax.jit(functools.partial(train_step, loss_fn=policy_loss_fn(graphdef, LossConfig.from_config(c.rl)),
-                                       tx=tx), donate_argnums=0)
-    return update.lower(state, batch).compile().memory_analysis()
+    loss_fn = policy_loss_fn(graphdef, LossConfig.from_config(c.rl))
+    update = jax.jit(lambda state, batch, frozen: train_step(state, batch, loss_fn=lora.with_frozen(loss_fn, frozen),
+                                                             tx=tx), donate_argnums=0)
+    return update.lower(state, batch, frozen).compile().memory_analysis()
 
 
 def _long_sequences_config():
@@ -163,6 +173,35 @@ def test_training_phase_matches_the_compiled_update(model_cfg, row, share, chunk
     _within(expected.phase_bytes("training"), analysis.temp_size_in_bytes, "training")
     resident = expected.row("parameters").bytes + expected.row("optimizer state").bytes
     _within(resident, analysis.argument_size_in_bytes, "train state")
+
+
+@pytest.mark.parametrize("target", ["activations", "weights"])
+def test_lora_update_trains_the_adapters_alone(target):
+    """LoRA of rank 8 on every projection: the training phase (the adapters' gradients, activations,
+    logits) against XLA's temporaries, and the resident rows (the base, the adapters and their AdamW
+    moments, no reference copy) against the update's arguments; once where activations dominate and
+    once where the weights do (one short sequence, a wide model): a gradient of the frozen base would
+    show there, its accumulator alone over 3x all of the update's temporaries."""
+    c = _long_sequences_config()
+    c.model.lora.rank = 8
+    model_cfg = TINY
+    if target == "weights":  # one sequence of 16 + 4 tokens per micro-batch through a 512-wide model
+        c.rollout.max_prompt_len, c.rollout.proposer_max_new_tokens, c.rollout.solver_max_new_tokens = 8, 4, 4
+        c.rl.micro_batch_size = 1
+        model_cfg = dataclasses.replace(TINY, hidden_size=512, intermediate_size=1024, num_heads=8, head_dim=64)
+    expected = plan.memory_plan(c, model_cfg, {})
+    assert "reference weights" not in [r.name for r in expected.rows]
+    weights = plan.weights_bytes(plan.param_layout(model_cfg), plan.abstract_mesh({}))
+    adapters = plan.weights_bytes(plan.param_layout(model_cfg, lora.LoraSpec(rank=8)), plan.abstract_mesh({}))
+    assert 0 < adapters < weights / 10
+    assert expected.row("optimizer state").bytes == expected.row("gradients").bytes == 2 * adapters
+    analysis = _compiled_update(c, model_cfg, prompt_group=1)
+    resident = expected.row("parameters").bytes + expected.row("optimizer state").bytes
+    _within(resident, analysis.argument_size_in_bytes, "train state and frozen base")
+    if target == "weights":  # full fine-tuning's temporaries here are 2.4x the weights (its gradients)
+        assert analysis.temp_size_in_bytes < weights / 3
+    else:
+        _within(expected.phase_bytes("training"), analysis.temp_size_in_bytes, "training")
 
 
 def test_training_phase_bounds_the_shared_prompt_update():

@@ -22,6 +22,7 @@ from safetensors.flax import save_file
 
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax.models.config import ModelConfig
+from sqlm_jax.models.lora import adapters_by_weight
 from sqlm_jax.models.transformer import Transformer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -180,7 +181,8 @@ def load_pretrained(path_or_hub_id, *, mesh: jax.sharding.Mesh | None = None, dt
 
 def save_pretrained(model: Transformer, cfg: ModelConfig, folder: str | os.PathLike, *,
                     max_shard_bytes: int = 4 << 30) -> Path:
-    """Writes an HF folder (config.json + safetensors, sharded with an index past `max_shard_bytes`).
+    """Writes an HF folder (config.json + safetensors, sharded with an index past `max_shard_bytes`);
+    LoRA adapters, if `model` has any, merged into their weights.
 
     The folder is assembled beside its destination and moved into place at the end, so an interrupted
     export never leaves a half-written model where a good one stood. In a multi-host run every process
@@ -188,9 +190,13 @@ def save_pretrained(model: Transformer, cfg: ModelConfig, folder: str | os.PathL
     """
     folder = Path(folder)
     flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    adapters = adapters_by_weight(model)
     shards, current, size = [], {}, 0
     for rule in _rules(cfg):
-        ours = np.asarray(jax.device_get(mesh_lib.gather(flat[rule.ours].get_value())))
+        value = flat[rule.ours].get_value()
+        if rule.ours in adapters:  # merged one weight at a time: the export is a plain HF checkpoint
+            value = adapters[rule.ours].merged(value)
+        ours = np.asarray(jax.device_get(mesh_lib.gather(value)))
         if jax.process_index() != 0:
             continue
         for name, array in zip(rule.hf, rule.to_hf(ours)):

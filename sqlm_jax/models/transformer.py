@@ -111,6 +111,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.group_size = g
+        self.lora_qkv = self.lora_o = None  # LoRA adapters (models/lora.py), attached after loading
 
     def __call__(self, x, positions, kv_mask, rope, cache: LayerCache | None, write_index,
                  prefix: LayerCache | None = None):
@@ -126,6 +127,8 @@ class Attention(nnx.Module):
         """
         dt = x.dtype
         qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
+        if self.lora_qkv is not None:
+            qkv = qkv + self.lora_qkv(x).reshape(qkv.shape)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(dt)
         g = self.group_size
@@ -155,7 +158,10 @@ class Attention(nnx.Module):
         mask = kv_mask[:, None, :] & causal  # [N, T, S']
         out = attend(q, k.astype(dt), v.astype(dt), mask, prefix).reshape(b, t, -1)  # [N, T, K·G·H]
         # One [K·G·H, D] matmul: contracting (heads, H) as two dims made XLA copy the weight every step.
-        return out @ self.o[...].astype(dt).reshape(out.shape[-1], -1), cache
+        projected = out @ self.o[...].astype(dt).reshape(out.shape[-1], -1)
+        if self.lora_o is not None:
+            projected = projected + self.lora_o(out)
+        return projected, cache
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -217,16 +223,29 @@ class MLP(nnx.Module):
         dt = jnp.dtype(cfg.param_dtype)
         self.gate_up = _param(rngs, (cfg.hidden_size, 2, cfg.intermediate_size), ("embed", None, "mlp"), dt)
         self.down = _param(rngs, (cfg.intermediate_size, cfg.hidden_size), ("mlp", "embed"), dt)
+        self.lora_gate_up = self.lora_down = None  # LoRA adapters (models/lora.py), attached after loading
 
     def __call__(self, x):
         b, t, d = x.shape
-        hidden = swiglu(x.reshape(b * t, d), self.gate_up[...].astype(x.dtype))  # [N·T, F]
-        return (hidden @ self.down[...].astype(x.dtype)).reshape(b, t, d)
+        x = x.reshape(b * t, d)
+        gate_up = self.gate_up[...].astype(x.dtype)
+        extra = None if self.lora_gate_up is None else self.lora_gate_up(x)
+        hidden = swiglu(x, gate_up, extra)  # [N·T, F]
+        out = hidden @ self.down[...].astype(x.dtype)
+        if self.lora_down is not None:
+            out = out + self.lora_down(hidden)
+        return out.reshape(b, t, d)
+
+
+def _gated(projected: jax.Array) -> jax.Array:
+    """`silu(gate) · up` of the fused projection `[N·T, 2, F]` -> `[N·T, F]`."""
+    return jax.nn.silu(projected[:, 0]) * projected[:, 1]
 
 
 @jax.custom_vjp
-def swiglu(x: jax.Array, gate_up: jax.Array) -> jax.Array:
-    """`silu(x @ gate) · (x @ up)` for x `[N·T, D]` and the fused weight `gate_up [D, 2, F]` -> `[N·T, F]`.
+def swiglu(x: jax.Array, gate_up: jax.Array, extra: jax.Array | None) -> jax.Array:
+    """`silu(x @ gate) · (x @ up)` for x `[N·T, D]` and the fused weight `gate_up [D, 2, F]` -> `[N·T, F]`;
+    `extra [N·T, 2F]` (a LoRA adapter's update, or None) is added to the projection first.
 
     The backward pass is written by hand; autodiff's cost ~5% more per training step on CPU
     (bench/vs_trl.py), in two places:
@@ -235,23 +254,27 @@ def swiglu(x: jax.Array, gate_up: jax.Array) -> jax.Array:
       * for the weight's gradient XLA transposed that `[N·T, 2F]` gradient rather than the 2F/D times
         smaller x. The barrier makes it transpose x: XLA cannot fold an explicit x.T back into the dot.
     """
-    return _swiglu_fwd(x, gate_up)[0]
+    return _swiglu_fwd(x, gate_up, extra)[0]
 
 
-def _swiglu_fwd(x, gate_up):
-    projected = (x @ gate_up.reshape(gate_up.shape[0], -1)).reshape(x.shape[0], 2, -1)  # [N·T, 2, F]
-    return jax.nn.silu(projected[:, 0]) * projected[:, 1], (x, gate_up, projected)
+def _swiglu_fwd(x, gate_up, extra):
+    projected = x @ gate_up.reshape(gate_up.shape[0], -1)
+    if extra is not None:
+        projected = projected + extra
+    projected = projected.reshape(x.shape[0], 2, -1)  # [N·T, 2, F]
+    return _gated(projected), (x, gate_up, projected, extra is not None)
 
 
 def _swiglu_bwd(residuals, d_out):
-    x, gate_up, projected = residuals
+    # With the weight frozen (LoRA) its gradient is unused and XLA drops its computation.
+    x, gate_up, projected, has_extra = residuals
     gate, up = projected[:, 0], projected[:, 1]
     sig = jax.nn.sigmoid(gate)
     d_gate = d_out * up * sig * (1 + gate * (1 - sig))  # d silu(g) / dg = σ(g)·(1 + g·(1 − σ(g)))
     d_projected = jnp.stack([d_gate, d_out * gate * sig], axis=1).reshape(x.shape[0], -1)  # [N·T, 2F]
     weight = gate_up.reshape(gate_up.shape[0], -1)
     d_weight = jax.lax.optimization_barrier(x.T) @ d_projected
-    return d_projected @ weight.T, d_weight.reshape(gate_up.shape)
+    return d_projected @ weight.T, d_weight.reshape(gate_up.shape), d_projected if has_extra else None
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
