@@ -18,7 +18,9 @@ Modules, one line each:
   rollout      one step's propose -> solve -> score on the host, a Rollout per role; the pregenerated pool
   learner      the trained states, the reference, compiled log-prob / advantage and update passes
   train_step   the pure pieces of an update: RoleBatch, losses, micro-batch accumulation, optax step
-  rl           pure RL math: log-probs, GRPO / GAE advantages, PPO-clip, KL, value loss
+  rl           pure RL math: log-probs, GRPO / RLOO / REINFORCE++ / GAE advantages, PPO-clip, GSPO, KL,
+               value loss
+  dynamic_sampling  the rows a step updates on: zero-variance groups dropped, extra rounds refilling them
   rewards      pure reward rules (majority vote, unit tests, format), chosen by name
   sampling     prefill + decode with a KV cache in one jit
   evaluate     greedy / sampled accuracy on held-out problems
@@ -33,6 +35,9 @@ One step (Trainer.self_play_step), each phase one call and one timer `time/<phas
   solve     questions ─solver_prompts─▶ ─sample n each─▶ answers [Q·n]                  (Rollouts.solve)
   score     answers ─parse / sandbox─▶ ─rewards.reward_fn─▶ solver [Q, n], proposer [B, n]
                                                                                         (Rollouts.score)
+  refill    per role: overlong penalty, truncated rows masked; with rl.filter_zero_variance the
+            all-equal groups dropped, extra rounds (rollout.max_extra_batches) refilling their places
+                                                                            (dynamic_sampling.step_rows)
   logprobs  per role: prompts placed, responses left on the device ─one jit─▶ old and
             reference log-probs (or critic values) ─▶ advantages                       (Learner.batch)
   update    with GAE the critic on both batches every step; the actor on the solver batch every step,

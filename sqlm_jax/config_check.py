@@ -94,6 +94,9 @@ def _validate_toolbox(config) -> None:
         value = _get(config, field)
         if value is not None and not 0 < value < 10:
             raise ConfigError(f"{field}={value} must be a positive clip range (e.g. DAPO: low 0.2, high 0.28)")
+    if rl.policy_loss == "gspo" and rl.loss_agg != "seq-mean-token-mean":
+        raise ConfigError(f"rl.policy_loss='gspo' averages each sequence's tokens, then the sequences (verl's "
+                          f"compute_policy_loss_gspo): set rl.loss_agg='seq-mean-token-mean' (got {rl.loss_agg!r})")
     if rl.filter_zero_variance is False and config.rollout.max_extra_batches:
         raise ConfigError("rollout.max_extra_batches refills groups that rl.filter_zero_variance drops: "
                           "set rl.filter_zero_variance=True, or max_extra_batches=0")

@@ -4,7 +4,8 @@ compiled passes that turn one role's sampled rows into an update.
     SampleOutput (responses on the device, prompts on the host)
       ──role_batch: trim all-padding prompt columns, place prompts on the mesh──▶ RoleBatch [N, ...]
       ──prepare (one jit): old log-probs (the sampler's own, or a pass), reference log-probs, critic
-                           values, advantages (GRPO over the groups of `rewards [Q, n]`, or GAE)──▶
+                           values, advantages (rl.advantage: GRPO / RLOO over the groups of
+                           `rewards [Q, n]`, REINFORCE++ or GAE over the batch)──▶
       ──update (one jit per trained model): PPO epochs × mini-batches × micro-batches, optax──▶ state
       ──fetch: every role's metrics in one host transfer
 
@@ -206,12 +207,9 @@ class Learner:
         ref = zeros if ref_params is None else logprobs(ref_params, self.reference_graphdef)
         values = zeros if critic_params is None else flat(batch_values(self.critic_graphdef, critic_params, micro))
         rl_cfg = self.config.rl
-        if rl_cfg.advantage == "grpo":
-            sequence = rl.grpo_advantages(rewards, rl_cfg.grpo_eps).reshape(-1)
-            advantages, returns = rl.broadcast_sequence_advantage(sequence, mask), zeros
-        else:  # GAE: the outcome reward on the last response token, whitened over the whole batch
-            advantages, returns = rl.gae_advantages(rl.outcome_token_rewards(rewards.reshape(-1), mask),
-                                                    values, mask, rl_cfg.gamma, rl_cfg.lam)
+        advantages, returns = rl.compute_advantages(
+            rl_cfg.advantage, rewards, mask, values, grpo_eps=rl_cfg.grpo_eps,
+            scale_by_std=rl_cfg.grpo_scale_by_std, gamma=rl_cfg.gamma, lam=rl_cfg.lam)
         return batch.replace(old_logp=old, ref_logp=ref, old_values=values, advantages=advantages,
                              returns=returns)
 

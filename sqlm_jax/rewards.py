@@ -151,6 +151,29 @@ def ground_truth_rewards(scores: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]
     return scores.astype(jnp.float32), jnp.zeros(scores.shape[:-1], jnp.float32)
 
 
+def overlong_penalty(lengths: jnp.ndarray, max_new_tokens: int, buffer: int, penalty: float) -> jnp.ndarray:
+    """DAPO's soft overlong punishment (Yu et al. 2025; verl's DAPORewardManager), added to a reward.
+
+    A response of L tokens (its stop token included) in the last `buffer` tokens before the limit
+    loses penalty · (L - (max_new_tokens - buffer)) / buffer: 0 up to max_new_tokens - buffer tokens,
+    `penalty` at the limit, linear between.
+
+    Args:
+      lengths: [N] response lengths.
+
+    Returns:
+      [N] float32, <= 0.
+    """
+    exceed = lengths.astype(jnp.float32) - (max_new_tokens - buffer)
+    return jnp.minimum(-exceed / buffer * penalty, 0.0)
+
+
+def zero_variance_groups(rewards: jnp.ndarray) -> jnp.ndarray:
+    """[Q, n] rewards -> [Q] bool: the groups whose n rewards are all equal, which carry no GRPO / RLOO
+    advantage (DAPO's dynamic sampling drops them; verl's filter_groups keeps a group with std > 0)."""
+    return jnp.all(rewards == rewards[:, :1], axis=-1)
+
+
 def reward_fn(kind: str, *, k_min: int = 2) -> Callable[[jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]:
     """The reward function named by reward.kind: "majority" and "format" take answer ids `[Q, n]`,
     "unit_tests" takes pass fractions `[Q, n]`, "ground_truth" scores against labels `[Q, n]`."""

@@ -1,4 +1,5 @@
-"""RL math as pure functions: log-probs, advantages (GRPO, GAE), PPO-clip, KL estimators, value loss.
+"""RL math as pure functions: log-probs, advantages (GRPO, RLOO, REINFORCE++, GAE), PPO-clip and GSPO,
+KL estimators, value loss.
 
 Shapes (the package's alphabet, sqlm_jax/__init__.py): N sequences, R response positions, V vocabulary,
 Q groups of n samples (the n answers to a question, or a proposer row's n proposals). `mask[N, R]` is 1
@@ -20,6 +21,8 @@ _LOG_RATIO_CLAMP = 20.0
 _K3_CLAMP = 10.0
 # verl's masked_whiten: (x - mean) * rsqrt(var + 1e-8).
 _WHITEN_EPS = 1e-8
+# verl's compute_policy_loss_gspo clamps the (combined) log sequence ratio to at most this.
+_GSPO_LOG_CLAMP = 10.0
 
 
 def masked_sum(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
@@ -222,20 +225,45 @@ def gae_advantages(
     return masked_whiten(advantages, mask), returns
 
 
-def ppo_policy_loss(
-    logp: jnp.ndarray,
-    old_logp: jnp.ndarray,
-    advantages: jnp.ndarray,
-    mask: jnp.ndarray,
-    *,
-    clip_eps: float = 0.2,
-    dual_clip_c: float = 3.0,
-    weights: jnp.ndarray | None = None,
-) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
-    """PPO clipped surrogate with dual clip (verl's compute_policy_loss).
+ADVANTAGES = ("grpo", "gae", "rloo", "reinforce_pp")
+
+
+def compute_advantages(kind: str, rewards: jnp.ndarray, mask: jnp.ndarray, values: jnp.ndarray, *,
+                       grpo_eps: float = 1e-6, scale_by_std: bool = True, gamma: float = 1.0,
+                       lam: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The advantage estimator named by rl.advantage, on one role's whole batch.
+
+    Args:
+      kind: "grpo" (`grpo_advantages`, scale_by_std=False: Dr. GRPO), "rloo", "reinforce_pp" or "gae".
+      rewards: [Q, n], row q·n + j of the batch is sample j of group q.
+      mask: [N, R], N = Q·n: the tokens in the loss (the whitening of gae and reinforce_pp is over them).
+      values: [N, R] critic values (gae only).
+
+    Returns:
+      (advantages [N, R], returns [N, R]); returns are the critic's targets (zeros but for gae).
+    """
+    zeros = jnp.zeros(mask.shape, jnp.float32)
+    if kind == "grpo":
+        return broadcast_sequence_advantage(grpo_advantages(rewards, grpo_eps, scale_by_std=scale_by_std)
+                                            .reshape(-1), mask), zeros
+    if kind == "rloo":
+        return broadcast_sequence_advantage(rloo_advantages(rewards).reshape(-1), mask), zeros
+    outcome = outcome_token_rewards(rewards.reshape(-1), mask)
+    if kind == "reinforce_pp":
+        return reinforce_pp_advantages(outcome, mask, gamma), zeros
+    if kind == "gae":
+        return gae_advantages(outcome, values, mask, gamma, lam)
+    raise ValueError(f"rl.advantage={kind!r}; choose one of {list(ADVANTAGES)}")
+
+
+def ppo_policy_loss(logp: jnp.ndarray, old_logp: jnp.ndarray, advantages: jnp.ndarray, mask: jnp.ndarray, *,
+                    clip_eps: float = 0.2, clip_eps_low: float | None = None, clip_eps_high: float | None = None,
+                    dual_clip_c: float = 3.0, weights: jnp.ndarray | None = None
+                    ) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
+    """PPO clipped surrogate with dual clip (verl's compute_policy_loss_vanilla).
 
     ratio = exp(clamp(logp - old_logp, -20, 20));
-    loss = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), and where A < 0 additionally
+    loss = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)), and where A < 0 additionally
     min(loss, -A * c): a huge ratio on a negative-advantage token cannot blow the loss up.
 
     Args:
@@ -243,7 +271,9 @@ def ppo_policy_loss(
       old_logp: [N, R] log-probs of the sampling-time weights.
       advantages: [N, R].
       mask: [N, R].
-      clip_eps: PPO clip epsilon.
+      clip_eps: PPO clip epsilon, both sides unless one is given below.
+      clip_eps_low, clip_eps_high: clip-higher (DAPO, Yu et al. 2025): separate lower and upper ranges;
+        a larger upper one lets unlikely tokens with positive advantage grow (None: clip_eps).
       dual_clip_c: dual-clip bound, must be > 1.
       weights: [N, R] per-token weights of loss_sum (train_step.loss_weights, the loss aggregation);
         None: 1 per token. The metrics stay plain sums.
@@ -258,7 +288,9 @@ def ppo_policy_loss(
     log_ratio = jnp.clip(logp - old_logp, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
     loss_unclipped = -advantages * ratio
-    loss_clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    low = clip_eps if clip_eps_low is None else clip_eps_low
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    loss_clipped = -advantages * jnp.clip(ratio, 1.0 - low, 1.0 + high)
     loss_ppo = jnp.maximum(loss_unclipped, loss_clipped)
     loss_dual = -advantages * dual_clip_c
     negative = advantages < 0
@@ -266,6 +298,44 @@ def ppo_policy_loss(
     metrics = {
         "pg_clipfrac": masked_sum((loss_clipped > loss_unclipped).astype(jnp.float32), mask),
         "pg_clipfrac_lower": masked_sum(((loss_ppo > loss_dual) & negative).astype(jnp.float32), mask),
+        "ppo_kl": masked_sum(-log_ratio, mask),
+    }
+    return masked_sum(losses if weights is None else losses * weights, mask), token_count(mask), metrics
+
+
+def gspo_policy_loss(logp: jnp.ndarray, old_logp: jnp.ndarray, advantages: jnp.ndarray, mask: jnp.ndarray, *,
+                     clip_eps_low: float = 3e-4, clip_eps_high: float = 4e-4, weights: jnp.ndarray | None = None
+                     ) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
+    """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"), the token-level form of verl's
+    compute_policy_loss_gspo: one importance ratio per sequence, the geometric mean of its tokens'.
+
+    s_i = exp(mean over the valid tokens t of (logp - old_logp)); each token carries
+    s_i,t = sg[s_i] · p_t / sg[p_t] (value s_i, gradient s_i · ∇log p_t), clamped in log space to at
+    most 10 as verl; loss = max(-A · s_i,t, -A · clip(s_i,t, 1 - eps_low, 1 + eps_high)), no dual clip.
+    Aggregated per sequence (weights of rl.loss_agg "seq-mean-token-mean", which GSPO requires), the
+    gradient is that of the sequence-level objective mean_i max(-A_i s_i, -A_i clip(s_i)).
+
+    Args:
+      logp, old_logp, advantages, mask: [N, R] as in `ppo_policy_loss`; every valid token of a row
+        must be in the call (a micro-batch holds whole rows).
+      clip_eps_low, clip_eps_high: the sequence ratio's clip range (the paper: 3e-4, 4e-4).
+      weights: [N, R] per-token weights of loss_sum, as in `ppo_policy_loss`.
+
+    Returns:
+      (loss_sum, token_count, metrics) with the keys of `ppo_policy_loss`; "pg_clipfrac_lower" is 0
+      (no dual clip), "ppo_kl" the token-level sum of old_logp - logp.
+    """
+    m = mask.astype(jnp.float32)
+    log_ratio = jnp.where(mask.astype(bool), logp - old_logp, 0.0)
+    sequence = jnp.sum(log_ratio, axis=1, keepdims=True) / jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1.0)
+    combined = jnp.minimum(logp - jax.lax.stop_gradient(logp) + jax.lax.stop_gradient(sequence), _GSPO_LOG_CLAMP)
+    ratio = jnp.exp(combined)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    losses = jnp.maximum(loss_unclipped, loss_clipped)
+    metrics = {
+        "pg_clipfrac": masked_sum((loss_clipped > loss_unclipped).astype(jnp.float32), mask),
+        "pg_clipfrac_lower": jnp.zeros((), jnp.float32),
         "ppo_kl": masked_sum(-log_ratio, mask),
     }
     return masked_sum(losses if weights is None else losses * weights, mask), token_count(mask), metrics

@@ -21,7 +21,7 @@ Invalid proposals (reward.invalid_proposals), the one place the modes differ:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +38,15 @@ _majority_info = jax.jit(rewards_lib.majority_info)
 FIXED_SOURCES = ("pregenerated", "dataset")  # question sources whose questions come from a fixed pool
 
 
-def step_seed(seed: int, step: int, stream: int) -> int:
-    """A sampling seed that depends only on (run seed, step, stream): resumed runs redraw the same."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
+def step_seed(seed: int, step: int, stream: int, extra: int = 0) -> int:
+    """A sampling seed that depends only on (run seed, step, stream, extra): resumed runs redraw the
+    same. `extra` 0 is a step's own sample, 1, 2, … dynamic sampling's extra rounds."""
+    return int(np.random.SeedSequence([seed, step, stream] + ([extra] if extra else [])).generate_state(1)[0])
+
+
+def truncated(sample: SampleOutput, max_new_tokens: int, stop_ids: Sequence[int]) -> np.ndarray:
+    """[N] bool: the responses the sampler cut at max_new_tokens before any stop id."""
+    return np.array([len(t) == max_new_tokens and t[-1] not in stop_ids for t in sample.token_lists])
 
 
 def solver_prompts(tokenizer: Tokenizer, task: Task, questions: Sequence[Question]) -> list[list[int]]:
@@ -73,6 +79,15 @@ class Rollout:
         return 0 if self.sample is None else sum(map(len, self.sample.token_lists))
 
 
+class RoleRows(NamedTuple):
+    """What one role's update is built from (`Learner.batch`'s arguments), after the update's reward
+    options (`Rollouts.role_rows`) and dynamic sampling (sqlm_jax.dynamic_sampling)."""
+
+    sample: SampleOutput
+    row_mask: np.ndarray   # [N] bool: rows in the loss
+    rewards: np.ndarray    # [N/n, n] float32
+
+
 class Rollouts:
     """Propose, solve and score for one task; sampling knobs and the reward rule chosen once."""
 
@@ -92,14 +107,14 @@ class Rollouts:
         self.pool: list[dict] | None = None  # a fixed source's questions
         self.position = 0  # questions of the pool used so far
 
-    def propose(self, policy, step: int, stream: int = 0) -> Rollout:
+    def propose(self, policy, step: int, stream: int = 0, extra: int = 0) -> Rollout:
         """B·n proposals from the one topic prompt, sampled by `policy = (graphdef, params)`.
 
-        Seeded by (run seed, `step`, `stream`): stream 0 for a step's proposals, 2 for the chunks of
-        the pregenerated pool (stream 1 is the solver's)."""
+        Seeded by (run seed, `step`, `stream`, `extra`): stream 0 for a step's proposals, 2 for the
+        chunks of the pregenerated pool (stream 1 is the solver's); `extra` > 0: an extra round."""
         prompt = self.tokenizer.chat_prompt(self.task.proposer_prompt)
         out = sample(*policy, [prompt], params=self.proposer_params,
-                     seed=step_seed(self.config.seed, step, stream), mesh=self.mesh)
+                     seed=step_seed(self.config.seed, step, stream, extra), mesh=self.mesh)
         return self.proposals(out, [self.tokenizer.decode(t) for t in out.token_lists])
 
     def proposals(self, out: SampleOutput | None, texts: list[str]) -> Rollout:
@@ -115,11 +130,12 @@ class Rollouts:
             questions = [q if q is not None and fits(q) else None for q in parsed]
         return Rollout(out, texts, questions, parsed=np.array([q is not None for q in parsed]))
 
-    def questions(self, policy, step: int) -> Rollout:
-        """Online: fresh proposals. A fixed source (pregenerated, dataset): the next B·n of its pool."""
+    def questions(self, policy, step: int, extra: int = 0) -> Rollout:
+        """Online: fresh proposals (of dynamic sampling's `extra` round when > 0). A fixed source
+        (pregenerated, dataset): the next B·n of its pool."""
         source = self.config.rollout.question_source
         if source not in FIXED_SOURCES:
-            return self.propose(policy, step)
+            return self.propose(policy, step, extra=extra)
         count = self.proposer_params.n
         picked = [self.pool[(self.position + i) % len(self.pool)] for i in range(count)]
         self.position += count
@@ -162,11 +178,11 @@ class Rollouts:
         limit = self.config.rollout.max_prompt_len
         return [p[-limit:] for p in solver_prompts(self.tokenizer, self.task, questions)]
 
-    def solve(self, policy, step: int, proposer: Rollout) -> Rollout:
+    def solve(self, policy, step: int, proposer: Rollout, extra: int = 0) -> Rollout:
         """n answers to each question; an invalid proposal's raw text stands in for its question."""
         questions = [q if q is not None else Question(p) for q, p in zip(proposer.questions, proposer.texts)]
         out = sample(*policy, self.solver_inputs(questions), params=self.solver_params,
-                     seed=step_seed(self.config.seed, step, 1), mesh=self.mesh)
+                     seed=step_seed(self.config.seed, step, 1, extra), mesh=self.mesh)
         return Rollout(out, [self.tokenizer.decode(t) for t in out.token_lists], proposer.questions,
                        truths=proposer.truths)
 
@@ -189,6 +205,24 @@ class Rollouts:
         return (dataclasses.replace(proposer, row_mask=keep, rewards=proposer_r.reshape(-1, n), metrics={
                     "reward/proposer": float(proposer_r.mean()), "proposals/valid": float(parsed.mean())}),
                 dataclasses.replace(solver, row_mask=np.repeat(valid, n), rewards=solver_r, metrics=metrics))
+
+    def role_rows(self, role: str, rollout: Rollout) -> tuple[RoleRows, dict[str, float]]:
+        """A scored role's rows for its update: the rewards less DAPO's soft overlong penalty
+        (reward.overlong_buffer, against the role's own max_new_tokens), and with rl.mask_truncated the
+        responses cut at max_new_tokens out of the loss. The proposer's rewards come from the solver's
+        task rewards, never from the solver's penalties. Metrics: the fraction truncated, the mean penalty."""
+        c, out = self.config, rollout.sample
+        limit = (self.proposer_params if role == "proposer" else self.solver_params).max_new_tokens
+        cut = truncated(out, limit, self.tokenizer.stop_ids)
+        rewards, row_mask, metrics = rollout.rewards, rollout.row_mask, {f"truncated/{role}": float(cut.mean())}
+        if c.reward.overlong_buffer:
+            penalty = np.asarray(rewards_lib.overlong_penalty(np.array([len(t) for t in out.token_lists]), limit,
+                                                              c.reward.overlong_buffer, c.reward.overlong_penalty))
+            rewards = rewards + penalty.reshape(rewards.shape)
+            metrics[f"overlong/{role}_penalty"] = float(penalty.mean())
+        if c.rl.mask_truncated:
+            row_mask = row_mask & ~cut
+        return RoleRows(out, row_mask, rewards), metrics
 
     def _answer_ids(self, questions, answers: list[str]) -> tuple[np.ndarray, dict[str, float]]:
         """Answer ids `[Q, n]` of the parsed answers, and the agreement histogram of valid questions."""

@@ -4,6 +4,8 @@ One step (SQLM_SPEC "One training step"), `Trainer.self_play_step`:
   1. propose: B·n questions from one topic prompt (rollout.py);
   2. solve: the task parses them; the solver samples n answers to each (B·n·n answers);
   3. score: majority vote (math), unit tests in the sandbox (coding) or format-only (ablation);
+     refill: the update's rows, with the reward options (overlong penalty, truncated rows masked) and
+     dynamic sampling's zero-variance filter and extra rounds (dynamic_sampling.py; all off by default);
   4. log-probs: old and reference log-probs of both batches under the weights before any update of
      this step (the old ones are the sampler's own when rl.reuse_sampler_logprobs applies: the same
      weights), then advantages per group (a proposer group: one row's n proposals; a solver group:
@@ -26,7 +28,7 @@ import jax
 from flax import nnx
 from tqdm import tqdm
 
-from sqlm_jax import auto_knobs, distributed, learner, plan
+from sqlm_jax import auto_knobs, distributed, dynamic_sampling, learner, plan
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax.checkpoints import Checkpointer, CheckpointProblem
 from sqlm_jax.config_check import validate
@@ -123,9 +125,12 @@ class Trainer:
                  (step + 1) % c.rl.proposer_update_freq == 0}
         # A pool's questions were not sampled this step: nothing of the proposer's to train on.
         rollouts = {"proposer": proposer, "solver": solver} if proposer.sample is not None else {"solver": solver}
+        trained = [role for role in rollouts if actor[role] or has_critic]
+        with _timer(times, "refill"):
+            rows, sampling_metrics, extra_tokens = dynamic_sampling.step_rows(self.rollouts, policy, step,
+                                                                              rollouts, trained)
         with _timer(times, "logprobs"):
-            batches = jax.block_until_ready({role: self.learner.batch(r.sample, r.row_mask, r.rewards)
-                                             for role, r in rollouts.items() if actor[role] or has_critic})
+            batches = jax.block_until_ready({role: self.learner.batch(*rows[role]) for role in trained})
         with _timer(times, "update"):
             # The reference's order (ray_trainer.py `fit`): update_critic on the proposer batch, then on
             # the solver's, every step; update_actor on the solver batch, then on the proposer's only
@@ -139,8 +144,9 @@ class Trainer:
                     updates[role].update(self.learner.update(batches[role], critic=False))
             metrics = learner.fetch(updates)
 
-        tokens = solver.generated_tokens + proposer.generated_tokens
-        metrics.update(**proposer.metrics, **solver.metrics, **{f"time/{k}": v for k, v in times.items()})
+        tokens = solver.generated_tokens + proposer.generated_tokens + extra_tokens
+        metrics.update(**proposer.metrics, **solver.metrics, **sampling_metrics,
+                       **{f"time/{k}": v for k, v in times.items()})
         metrics.update({"length/solver": solver.generated_tokens / len(solver.texts),
                         "length/proposer": proposer.generated_tokens / len(proposer.texts),
                         "throughput/generated_tokens_per_s": tokens / sum(times.values())})

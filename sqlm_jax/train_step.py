@@ -77,7 +77,12 @@ class LossConfig:
     """The static knobs of the policy loss (hashable, so they can be jit-static)."""
 
     clip_eps: float = 0.2
+    clip_eps_low: float | None = None   # clip-higher (DAPO); None: clip_eps
+    clip_eps_high: float | None = None
     dual_clip_c: float = 3.0
+    policy_loss: str = "ppo"            # ppo | gspo (rl.ppo_policy_loss, rl.gspo_policy_loss)
+    gspo_clip_eps_low: float = 3e-4
+    gspo_clip_eps_high: float = 4e-4
     kl_coef: float = 0.001
     kl_kind: str = "k3"
     use_kl: bool = True
@@ -86,9 +91,11 @@ class LossConfig:
 
     @classmethod
     def from_config(cls, rl_cfg) -> "LossConfig":
-        return cls(clip_eps=rl_cfg.clip_eps, dual_clip_c=rl_cfg.dual_clip_c, kl_coef=rl_cfg.kl_coef,
-                   kl_kind=rl_cfg.kl_kind, use_kl=rl_cfg.use_kl, entropy_coef=rl_cfg.entropy_coef,
-                   logits_chunk_mib=rl_cfg.logits_chunk_mib)
+        return cls(clip_eps=rl_cfg.clip_eps, clip_eps_low=rl_cfg.clip_eps_low, clip_eps_high=rl_cfg.clip_eps_high,
+                   dual_clip_c=rl_cfg.dual_clip_c, policy_loss=rl_cfg.policy_loss,
+                   gspo_clip_eps_low=rl_cfg.gspo_clip_eps_low, gspo_clip_eps_high=rl_cfg.gspo_clip_eps_high,
+                   kl_coef=rl_cfg.kl_coef, kl_kind=rl_cfg.kl_kind, use_kl=rl_cfg.use_kl,
+                   entropy_coef=rl_cfg.entropy_coef, logits_chunk_mib=rl_cfg.logits_chunk_mib)
 
 
 def loss_weights(mask: jax.Array, agg: LossAgg) -> jax.Array:
@@ -200,16 +207,23 @@ def policy_loss(model, batch: RoleBatch, loss_cfg: LossConfig, weights: jax.Arra
 
 def policy_objective(logp: jax.Array, entropy: jax.Array, batch: RoleBatch, loss_cfg: LossConfig,
                      weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per token PPO-clip + kl_coef · KL(policy ‖ reference) − entropy_coef · entropy, summed with
-    `weights`, from the tokens' log-probs and entropies `[N, R]`.
+    """Per token PPO-clip (or GSPO's sequence-ratio clip, loss_cfg.policy_loss) + kl_coef · KL(policy ‖
+    reference) − entropy_coef · entropy, summed with `weights`, from the tokens' log-probs and
+    entropies `[N, R]`.
 
     Metrics: "pg_loss" the weighted PPO part (as the loss), the others token sums ("kl", "entropy",
     the clip fractions), so the update reports token means of them.
     """
     mask = batch.response_mask
-    pg, count, pg_metrics = rl.ppo_policy_loss(
-        logp, batch.old_logp, batch.advantages, mask,
-        clip_eps=loss_cfg.clip_eps, dual_clip_c=loss_cfg.dual_clip_c, weights=weights)
+    if loss_cfg.policy_loss == "gspo":
+        pg, count, pg_metrics = rl.gspo_policy_loss(
+            logp, batch.old_logp, batch.advantages, mask, clip_eps_low=loss_cfg.gspo_clip_eps_low,
+            clip_eps_high=loss_cfg.gspo_clip_eps_high, weights=weights)
+    else:
+        pg, count, pg_metrics = rl.ppo_policy_loss(
+            logp, batch.old_logp, batch.advantages, mask, clip_eps=loss_cfg.clip_eps,
+            clip_eps_low=loss_cfg.clip_eps_low, clip_eps_high=loss_cfg.clip_eps_high,
+            dual_clip_c=loss_cfg.dual_clip_c, weights=weights)
     total = pg - loss_cfg.entropy_coef * rl.masked_sum(entropy * weights, mask)
     metrics = {"tokens": count, "pg_loss": pg, "entropy": rl.masked_sum(entropy, mask), **pg_metrics}
     if loss_cfg.use_kl:
