@@ -19,6 +19,7 @@ from sqlm_jax.tasks import TASKS, Question, answers, get_task
 from sqlm_jax.tasks.algebra import linear_equation_problems
 from sqlm_jax.tasks.features import SOLVER_REWARD, numbers, operand_digits, operator_counts, variables
 from sqlm_jax.tasks.arithmetic import multiplication_pairs, sample_operand
+from tests.sandbox_marks import needs_bwrap
 
 # ---------------------------------------------------------------------------------------------
 # get_task
@@ -483,6 +484,7 @@ def test_coding_heldout_filters_data_source(tmp_path):
     assert len(get_task("coding", data_path=str(path), data_source=None).heldout_problems(100, seed=0)) == len(rows)
 
 
+@needs_bwrap  # on a machine without bubblewrap the sandbox refuses, as it should: nothing to score
 def test_coding_score_runs_the_sandbox():
     pytest.importorskip("sqlm_jax.sandbox", reason="sqlm_jax.sandbox (the sandbox issue) has not landed yet")
     task = get_task("coding")
