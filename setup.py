@@ -36,7 +36,7 @@ setup(
     extras_require={
         # torch is only the reference the tests compare against (transformers' PyTorch models).
         # 2.13.0 is the CPU wheel on this project's machines.
-        "test": ["pytest>=9.0", "torch==2.13.0", "ipython>=8", "hypothesis>=6.150", "wandb>=0.31"],
+        "test": ["pytest>=9.0", "pytest-xdist>=3.8", "torch==2.13.0", "ipython>=8", "hypothesis>=6.150", "wandb>=0.31"],
         "bench": ["torch==2.13.0", "trl>=1.16"],
         "data": ["datasets>=5.2"],
         "wandb": ["wandb>=0.31"],  # log.wandb_project

@@ -55,6 +55,8 @@ def validate(config, num_batch_devices: int | None = None) -> None:
                   "checkpoint.keep", "eval.max_new_tokens", "eval.batch_size"):
         if _get(config, field) < 1:
             raise ConfigError(f"{field}={_get(config, field)} must be at least 1")
+    if config.train.max_minutes < 0:
+        raise ConfigError(f"train.max_minutes={config.train.max_minutes} must be >= 0 (0: no time budget)")
     if not 0 < r.top_p <= 1 or r.temperature < 0 or r.top_k < 0:
         raise ConfigError("rollout sampling: need 0 < top_p <= 1, temperature >= 0, top_k >= 0")
     if r.batch_size % rl.mini_batch_size:

@@ -152,6 +152,11 @@ def base_config() -> ml_collections.ConfigDict:
         # Steps in a row with an update skipped for a non-finite loss or gradient norm (each skip as the
         # reference does) before the run stops.
         "max_nonfinite_steps": 3,
+        # A wall-clock budget for this process's self-play loop (0 = none; a resume starts a new one):
+        # the first step that ends past it is
+        # the run's last (evaluated, checkpointed and exported as train.steps would be). For
+        # comparisons at equal compute, e.g. dynamic sampling's extra rounds (docs/results.md).
+        "max_minutes": 0.0,
     })
     c.eval = ml_collections.ConfigDict({
         "every": 20,                 # steps between greedy evaluations (0 = only at start and end)

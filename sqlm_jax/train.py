@@ -231,6 +231,8 @@ class Trainer:
         if not self.eval_history:
             self.evaluate()
         eval_every = c.eval.every or c.train.steps
+        started = time.monotonic()
+        out_of_time = lambda: c.train.max_minutes and time.monotonic() - started > 60 * c.train.max_minutes
         with StopFlag() as stop, tqdm(total=c.train.steps, initial=self.steps_done,
                                       disable=jax.process_index() != 0, desc="self-play") as bar:
             while self.steps_done < c.train.steps:
@@ -242,13 +244,16 @@ class Trainer:
                 bar.set_postfix(solver=f"{metrics['reward/solver']:.2f}",
                                 proposer=f"{metrics['reward/proposer']:.2f}",
                                 valid=f"{metrics['proposals/valid']:.2f}")
-                if self.steps_done % eval_every == 0 or self.steps_done == c.train.steps:
+                last = self.steps_done == c.train.steps or distributed.any_host(bool(out_of_time()))
+                if self.steps_done % eval_every == 0 or last:
                     self.evaluate()
                 stopping = distributed.any_host(stop.requested)  # every host stops at the same step
-                if stopping or self.steps_done % c.checkpoint.every == 0 or self.steps_done == c.train.steps:
+                if stopping or self.steps_done % c.checkpoint.every == 0 or last:
                     self.save()
                 if stopping:
                     return {"stopped_at": self.steps_done}
+                if last:
+                    break
         return self.finish()
 
     def _run_record(self) -> dict[str, Any]:

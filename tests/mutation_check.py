@@ -20,6 +20,7 @@ STEP, LOSS = "sqlm_jax/train_step.py", "tests/test_loss_agg.py"
 LORA, LORA_TESTS = "sqlm_jax/models/lora.py", "tests/test_lora.py"
 RL, REWARDS, DYNAMIC = "sqlm_jax/rl.py", "sqlm_jax/rewards.py", "sqlm_jax/dynamic_sampling.py"
 TOOLBOX, ROWS = "tests/test_toolbox_losses.py", "tests/test_dynamic_sampling.py"
+SANDBOX, SANDBOX_TESTS = "sqlm_jax/sandbox.py", "tests/test_sandbox.py"
 
 MUTATIONS = [
     ("advantage sign flipped", RL, "broadcast_sequence_advantage(grpo_advantages(rewards, grpo_eps",
@@ -140,6 +141,18 @@ MUTATIONS = [
     ("refilled prompts not moved with their answers", DYNAMIC,
      "np.concatenate([left(getattr(s, f), fill) for s in samples])[index]",
      "np.concatenate([left(getattr(s, f), fill) for s in samples])[:len(index)]", [ROWS]),
+    ("sandbox environment not scrubbed", SANDBOX, "cwd=cwd, env=_SANDBOX_ENV, start_new_session=True)",
+     "cwd=cwd, env={**os.environ, **_SANDBOX_ENV}, start_new_session=True)",
+     [SANDBOX_TESTS + "::test_environment_secret_is_not_visible"]),
+    ("--die-with-parent removed", SANDBOX, '"--unshare-cgroup-try", "--die-with-parent", "--new-session"]',
+     '"--unshare-cgroup-try", "--new-session"]', [SANDBOX_TESTS + "::test_sandbox_dies_with_the_trainer"]),
+    # The cross-host reduction is XLA's, from the shardings; a host whose gradient counts twice is its
+    # one-line stand-in (what a reduction that doubled or lost a host's rows does to the update).
+    ("one host's gradient counted twice", STEP, "updates, opt_state = tx.update(grads, state.opt_state, state.params)",
+     "updates, opt_state = tx.update(jax.tree.map(lambda g: g * (1 + jax.process_index()), grads), "
+     "state.opt_state, state.params)", ["tests/test_distributed.py::test_two_processes_match_one_process"]),
+    ("the update never applied", STEP, "params = optax.apply_updates(state.params, updates)",
+     "params = state.params", ["tests/test_train.py::test_resume_is_bit_for_bit"]),
     ("the step trains on the unfiltered rows", TRAIN, "self.learner.batch(*rows[role]) for role in trained",
      "self.learner.batch(r.sample, r.row_mask, r.rewards) for role, r in rollouts.items() if role in trained",
      [ROWS + "::test_self_play_step_trains_on_the_filtered_rows"]),

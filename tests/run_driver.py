@@ -26,7 +26,8 @@ parser.add_argument("--rewarded", action="store_true")
 args = parser.parse_args()
 
 # Before jax is imported: this process's fake CPU devices.
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+os.environ["XLA_FLAGS"] = " ".join([f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+                                   + [f"--xla_force_host_platform_device_count={args.devices}"])
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,6 +1,5 @@
 """Multi-host (two processes on one machine) and preemption (SIGTERM mid-run), each in subprocesses."""
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -28,8 +27,7 @@ def _free_port() -> int:
 
 
 def _driver(*args, **popen):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.Popen([sys.executable, str(DRIVER), *map(str, args)], env=env,
+    return subprocess.Popen([sys.executable, str(DRIVER), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 

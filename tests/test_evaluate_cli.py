@@ -14,14 +14,14 @@ from sqlm_jax.evaluate import EvalResult, bootstrap_interval, drop_overlong, hel
 from sqlm_jax.rollout import solver_prompts
 from sqlm_jax.tasks import Question, get_task
 from sqlm_jax.tokenizer import load_tokenizer
-from tests.tiny_models import random_policy
+from tests.tiny_models import random_policy, subprocess_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_reproduces_the_runs_final_greedy_accuracy(tmp_path):
     workdir = tmp_path / "run"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device, as a user has
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags()}  # one CPU device, as a user has
     shared = ["--config=configs/tiny.py", "--config.eval.num_problems=48", "--config.eval.batch_size=48",
               "--config.eval.sampled_n=0", f"--config.workdir={workdir}"]
     run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,

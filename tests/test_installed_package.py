@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_models import subprocess_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "colab_tpu_demo.ipynb"
 
@@ -29,7 +31,7 @@ def installed_python(tmp_path_factory) -> Path:
 
 
 def _env(**extra):
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **extra}  # one CPU device, as a user
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags(), **extra}  # one CPU device, as a user
 
 
 def test_main_runs_a_shipped_config_from_any_directory(installed_python, tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import random_policy
+from tests.tiny_models import random_policy, subprocess_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -21,7 +21,7 @@ def get_config():
 
 
 def _main(config_file, *overrides):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": subprocess_xla_flags(1)}
     env.pop("SQLM_JAX_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "sqlm_jax.main", f"--config={config_file}", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -6,6 +6,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from sqlm_jax.sandbox import SandboxConfig, run_many, run_program
 from tests.sandbox_marks import ADD, needs_bwrap
 
@@ -52,8 +54,15 @@ def _sandbox_dirs() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("sqlm-sandbox-*")}
 
 
+@pytest.fixture
+def own_tempdir(tmp_path, monkeypatch):
+    """The sandbox's temporary directories under this test's own folder: another test running
+    alongside (pytest -n) must not count as a leak, nor hide one."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 @needs_bwrap
-def test_thousands_of_mixed_programs_leave_nothing_behind():
+def test_thousands_of_mixed_programs_leave_nothing_behind(own_tempdir):
     config = SandboxConfig()
     alone = {name: run_program(code, tests, timeout_s=TIMEOUT_S, config=config) for name, (code, tests) in HONEST.items()}
     assert [alone[k].fraction for k in HONEST] == [1.0, 0.5, 0.0, 1.0]  # the known answers

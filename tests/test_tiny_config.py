@@ -9,13 +9,14 @@ import numpy as np
 
 from sqlm_jax.models import load_pretrained
 from sqlm_jax.tasks import get_task
+from tests.tiny_models import subprocess_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_config_runs_self_play_end_to_end(tmp_path):
     workdir = tmp_path / "run"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device, as a user has
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags()}  # one CPU device, as a user has
     out = subprocess.run(
         [sys.executable, "-m", "sqlm_jax.main", "--config=configs/tiny.py", "--config.train.steps=4",
          "--config.eval.every=2", "--config.eval.num_problems=64", "--config.checkpoint.every=2",

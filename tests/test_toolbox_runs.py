@@ -45,3 +45,14 @@ def test_two_steps_per_option_family(policy_folder, tmp_path, family):
             assert 0 <= s["dynamic_sampling/solver_extra_batches"] <= 2
             assert s["dynamic_sampling/solver_masked"] <= s["dynamic_sampling/solver_dropped"]
             assert "time/refill" in s
+
+
+def test_a_time_budget_ends_the_run_like_its_last_step(policy_folder, tmp_path):
+    """train.max_minutes: the first step past the budget is the last, evaluated, saved and exported
+    (what the dynamic-sampling comparison at equal wall-clock relies on)."""
+    config = tiny_run_config(policy_folder, tmp_path / "run", steps=50)
+    config.checkpoint.every = 10
+    config.train.max_minutes = 1e-9  # spent by the end of the first step
+    summary = Trainer(config).run()
+    assert summary["steps"] == 1 and [e["step"] for e in summary["eval_history"]] == [0, 1]
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir() and (tmp_path / "run" / "export" / "config.json").is_file()

@@ -202,7 +202,8 @@ def test_name_and_zone_come_from_the_environment(gcloud):
 
 FAKE_TRAINER = """#!/usr/bin/env bash
 # Stands in for the venv's python on a worker: records its arguments, runs until SIGTERM.
-printf '%s\\n' "$@" > "$HOME/argv"
+# (written aside, then renamed: the test reads it as soon as it exists)
+printf '%s\\n' "$@" > "$HOME/argv.part" && mv "$HOME/argv.part" "$HOME/argv"
 trap 'echo SIGTERM >> "$HOME/argv"; exit 0' TERM
 while true; do sleep 0.1; done
 """

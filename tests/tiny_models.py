@@ -1,6 +1,7 @@
 """A tiny random policy folder (our decoder + the shipped character tokenizer) and a run config for it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flax import nnx
@@ -8,6 +9,13 @@ from flax import nnx
 from sqlm_jax.defaults import base_config
 from sqlm_jax.models import ModelConfig, Transformer, save_pretrained
 from sqlm_jax.tiny_corpus import build_tokenizer, save_tokenizer
+
+
+def subprocess_xla_flags(devices: int = 0) -> str:
+    """XLA_FLAGS for a subprocess: the session's (conftest's) with `devices` fake CPU devices instead
+    of 8 (0: one device, as a user has)."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"] * bool(devices))
 
 
 def random_policy(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path:
