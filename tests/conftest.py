@@ -34,9 +34,9 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # The modules that take longest run first, so that under pytest-xdist (`-n 2 --dist loadfile`, the
 # README's command: a module runs whole on one worker, its module-scoped fixtures built once) neither
 # worker is left with a long module at the end while the other idles. Figures: `--durations`.
-SLOW_FIRST = ("test_distributed", "test_train", "test_sandbox_load", "test_kill_resume", "test_installed_package",
-              "test_evaluate_cli", "test_resume_errors", "test_pretrain", "test_toolbox_runs",
-              "test_reward_to_update", "test_lora", "test_lora_run", "test_tiny_config", "test_sandbox")
+SLOW_FIRST = ("test_distributed", "test_train", "test_tiny_config", "test_sandbox_load", "test_kill_resume",
+              "test_installed_package", "test_resume_errors", "test_pretrain", "test_toolbox_runs",
+              "test_reward_to_update", "test_lora", "test_lora_run", "test_sandbox", "test_evaluate_cli")
 
 
 def pytest_collection_modifyitems(items):

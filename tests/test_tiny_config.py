@@ -1,11 +1,14 @@
-"""The README's first command, for a handful of steps: the shipped tiny model and configs/tiny.py."""
+"""The README's first command, for a handful of steps: the shipped tiny model and configs/tiny.py, and
+`python -m sqlm_jax.evaluate` on what it exports."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from sqlm_jax.models import load_pretrained
 from sqlm_jax.tasks import get_task
@@ -14,15 +17,24 @@ from tests.tiny_models import subprocess_xla_flags
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_tiny_config_runs_self_play_end_to_end(tmp_path):
-    workdir = tmp_path / "run"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags()}  # one CPU device, as a user has
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags()}  # one CPU device, as a user has
+EVAL = ["--config=configs/tiny.py", "--config.eval.num_problems=64"]  # the run's held-out set, for evaluate too
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(workdir, completed process) of the tiny config for 4 steps, run once for this module's tests."""
+    workdir = tmp_path_factory.mktemp("tiny") / "run"
     out = subprocess.run(
-        [sys.executable, "-m", "sqlm_jax.main", "--config=configs/tiny.py", "--config.train.steps=4",
-         "--config.eval.every=2", "--config.eval.num_problems=64", "--config.checkpoint.every=2",
-         f"--config.workdir={workdir}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        [sys.executable, "-m", "sqlm_jax.main", *EVAL, "--config.train.steps=4", "--config.eval.every=2",
+         "--config.checkpoint.every=2", f"--config.workdir={workdir}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
+    return workdir, out
+
+
+def test_tiny_config_runs_self_play_end_to_end(tiny_run):
+    workdir, out = tiny_run
 
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["task"] == "arithmetic" and summary["steps"] == 4
@@ -45,3 +57,36 @@ def test_tiny_config_runs_self_play_end_to_end(tmp_path):
         ["curriculum.png", "questions_pca.png", "rewards.png"]
     model, cfg = load_pretrained(workdir / "export")
     assert cfg.architecture == "Qwen2ForCausalLM"
+
+
+def test_evaluate_cli_reproduces_the_runs_final_greedy_accuracy(tiny_run, tmp_path):
+    """`python -m sqlm_jax.evaluate` scores the run's export as the run's last evaluation did, and the
+    README's snippet does too."""
+    workdir, _ = tiny_run
+    summary = json.loads((workdir / "summary.json").read_text())
+    responses = tmp_path / "responses.jsonl"
+    out = subprocess.run([sys.executable, "-m", "sqlm_jax.evaluate", *EVAL, f"--model={workdir}/export", "--n=2",
+                          f"--output={responses}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in responses.read_text().splitlines()]
+    assert len(records) == 64 and all(len(r["samples"]) == 2 for r in records)
+    # The same problems, prompts and greedy decoding as the run's final evaluation.
+    assert np.mean([r["greedy_score"] for r in records]) == pytest.approx(summary["final_accuracy"], abs=1e-6)
+    greedy = float(re.search(r"^greedy accuracy: ([0-9.]+)", out.stdout, re.M).group(1))
+    assert greedy == pytest.approx(summary["final_accuracy"], abs=1e-4)
+    for metric in ("mean@2", "maj@2", "pass@2 (best@2)"):
+        assert re.search(rf"^{re.escape(metric)}: [0-9.]+  \(95% bootstrap interval", out.stdout, re.M), out.stdout
+    assert "64 held-out problems (0 dropped" in out.stdout
+
+    # The README's snippet: the run's task options and held-out set from its summary.json.
+    snippet = f"""import json
+from sqlm_jax.evaluate import evaluate; from sqlm_jax.models import load_pretrained
+from sqlm_jax.tasks import get_task; from sqlm_jax.tokenizer import load_tokenizer
+s = json.load(open("{workdir}/summary.json")); task = get_task(s["task"], **s["task_options"])
+model, _ = load_pretrained("{workdir}/export"); tokenizer = load_tokenizer("{workdir}/export")
+print(evaluate(model, tokenizer, task, task.heldout_problems(s["eval"]["num_problems"], s["eval"]["seed"]), max_new_tokens=s["eval"]["max_new_tokens"]))
+"""
+    readme = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert readme.returncode == 0, readme.stderr[-3000:]
+    assert float(readme.stdout.split()[-1]) == pytest.approx(summary["final_accuracy"], abs=1e-6)
