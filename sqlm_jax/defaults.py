@@ -153,9 +153,8 @@ def base_config() -> ml_collections.ConfigDict:
         # reference does) before the run stops.
         "max_nonfinite_steps": 3,
         # A wall-clock budget for this process's self-play loop (0 = none; a resume starts a new one):
-        # the first step that ends past it is
-        # the run's last (evaluated, checkpointed and exported as train.steps would be). For
-        # comparisons at equal compute, e.g. dynamic sampling's extra rounds (docs/results.md).
+        # the first step that ends past it is the run's last (evaluated, checkpointed and exported as
+        # at train.steps). For comparisons at equal compute, e.g. dynamic sampling (docs/results.md).
         "max_minutes": 0.0,
     })
     c.eval = ml_collections.ConfigDict({
