@@ -9,7 +9,8 @@ takes the next pending row, so the work follows the tokens generated, not rows �
 
 A slot reads its prompt's prefix through an index, so a prompt is prefilled and held once whatever the
 budget, and its n rows may run in any slots at any time. Prompts go in waves of a few times the budget
-(`wave_prompts`), so the prompts' cache and the prefill's buffers follow the budget too. Each slot keeps its own R cache slots:
+(`wave_prompts`), so the prompts' cache and the prefill's buffers follow the budget too; a wave's
+tail runs in a quarter of the slots (`_narrow`). Each slot keeps its own R cache slots:
 slot 0 holds the prompt's last token, slot j the row's token j-1. Rows draw from their own random
 streams (`sampling.draw`: fold_in(fold_in(key, row), step)), so a row's tokens do not depend on the
 budget, the slot it ran in or the rows beside it.
@@ -28,6 +29,14 @@ from jax.sharding import Mesh
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax.models.transformer import LayerCache, Transformer, positions_from_mask
 from sqlm_jax.sampling import _constrain_cache
+
+# A wave's tail (no row pending, at most 1/TAIL_SHRINK of a block's slots active) runs in that fraction
+# of the slots: long-tailed lengths leave a few rows decoding long after the rest have stopped.
+TAIL_SHRINK = 4
+# Rows per slot in a wave: each wave ends in a tail, so fewer, longer waves waste less (on
+# bench/rollout_lengths.py's workload 16 beat 4 by ~1.3x at 16 slots); the price is the wave's prompt
+# cache and prefill, which the memory plan counts.
+WAVE_ROWS = 16
 
 
 class Slots(NamedTuple):
@@ -55,9 +64,9 @@ def batch_shards(mesh: Mesh | None, prompts: int) -> int:
 
 def wave_prompts(prompts: int, n: int, slots: int) -> int:
     """Prompts a block prefills and decodes together (a wave): the largest divisor of its `prompts` with
-    at most 4·slots rows, so the prompts' cache follows the budget while the slots stay busy (a
+    at most WAVE_ROWS·slots rows, so the prompts' cache follows the budget while the slots stay busy (a
     wave's tail, its last rows finishing, is the only time slots wait)."""
-    target = max(1, 4 * slots // n)
+    target = max(1, WAVE_ROWS * slots // n)
     return max(g for g in range(1, min(prompts, target) + 1) if prompts % g == 0)
 
 
@@ -103,6 +112,7 @@ def _wave(model, prompt_tokens, prompt_mask, offset, d: int, w: int, params, mes
     prefix_mask = blocks(prompt_mask[:, :-1])
 
     def tick(s: Slots) -> Slots:
+        w = s.row.shape[1]  # the wave's slots, or its narrowed tail's
         free = ~s.active
         candidate = s.pending[:, None] + jnp.cumsum(free, axis=1) - 1
         take = free & (candidate < m)
@@ -138,6 +148,24 @@ def _wave(model, prompt_tokens, prompt_mask, offset, d: int, w: int, params, mes
                  tokens=rows(jnp.full((d, m, r), params.pad_id, jnp.int32)),
                  logprobs=rows(jnp.zeros((d, m, r), jnp.float32)))
     busy = lambda s: jnp.any(s.active) | jnp.any(s.pending < m)
-    out = jax.lax.while_loop(busy, tick, init)
+    narrow = max(1, w // TAIL_SHRINK)
+    if narrow == w:
+        out = jax.lax.while_loop(busy, tick, init)
+    else:
+        in_tail = lambda s: jnp.all(s.pending >= m) & jnp.all(s.active.sum(axis=1) <= narrow)
+        wide = jax.lax.while_loop(lambda s: busy(s) & ~in_tail(s), tick, init)
+        out = jax.lax.while_loop(busy, tick, _narrow(wide, narrow, cache_axes))
     return out.tokens, out.logprobs
+
+
+def _narrow(s: Slots, narrow: int, cache_axes) -> Slots:
+    """The wave's tail in fewer slots: each block's active slots (at most `narrow`, no row pending) move,
+    with their caches, into `narrow` slots, so the last long rows stop paying for idle ones."""
+    d, w = s.row.shape
+    keep = jnp.argsort(~s.active, axis=1, stable=True)[:, :narrow]  # [D, narrow] active slots first
+    pick = lambda x: jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), axis=1)
+    slots = lambda x: pick(x.reshape((d, w) + x.shape[1:])).reshape((d * narrow,) + x.shape[1:])
+    cache = cache_axes([LayerCache(slots(c.k), slots(c.v)) for c in s.cache])
+    return s._replace(row=pick(s.row), active=pick(s.active), step=pick(s.step), position=pick(s.position),
+                      last=pick(s.last), cache=cache)
 

@@ -21,6 +21,7 @@ LORA, LORA_TESTS = "sqlm_jax/models/lora.py", "tests/test_lora.py"
 RL, REWARDS, DYNAMIC = "sqlm_jax/rl.py", "sqlm_jax/rewards.py", "sqlm_jax/dynamic_sampling.py"
 TOOLBOX, ROWS = "tests/test_toolbox_losses.py", "tests/test_dynamic_sampling.py"
 SANDBOX, SANDBOX_TESTS = "sqlm_jax/sandbox.py", "tests/test_sandbox.py"
+WAVES = "tests/test_sampling.py::test_rows_in_flight_across_waves_and_narrowed_tails"
 
 MUTATIONS = [
     ("advantage sign flipped", RL, "broadcast_sequence_advantage(grpo_advantages(rewards, grpo_eps",
@@ -141,6 +142,11 @@ MUTATIONS = [
     ("refilled prompts not moved with their answers", DYNAMIC,
      "np.concatenate([left(getattr(s, f), fill) for s in samples])[index]",
      "np.concatenate([left(getattr(s, f), fill) for s in samples])[:len(index)]", [ROWS]),
+    ("a narrowed tail keeps the idle slots", "sqlm_jax/refill.py", "jnp.argsort(~s.active, axis=1, stable=True)",
+     "jnp.argsort(s.active, axis=1, stable=True)", [WAVES]),
+    ("a narrowed tail loses its slots' caches", "sqlm_jax/refill.py",
+     "cache = cache_axes([LayerCache(slots(c.k), slots(c.v)) for c in s.cache])",
+     "cache = cache_axes([LayerCache(c.k[:d * narrow], c.v[:d * narrow]) for c in s.cache])", [WAVES]),
     ("sandbox environment not scrubbed", SANDBOX, "cwd=cwd, env=_SANDBOX_ENV, start_new_session=True)",
      "cwd=cwd, env={**os.environ, **_SANDBOX_ENV}, start_new_session=True)",
      [SANDBOX_TESTS + "::test_environment_secret_is_not_visible"]),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sqlm_jax import mesh as mesh_lib
-from sqlm_jax import sampling
+from sqlm_jax import refill, sampling
 from sqlm_jax.models import load_pretrained
 from tests.checkpoints import make_checkpoint
 
@@ -205,6 +205,23 @@ def test_rows_in_flight_never_change_the_tokens(checkpoint, prompts, knobs):
         assert out.token_lists == every.token_lists, budget
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(every.tokens))
         np.testing.assert_array_equal(np.asarray(out.mask), np.asarray(every.mask))
+        np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(every.logprobs), atol=1e-5)
+
+
+def test_rows_in_flight_across_waves_and_narrowed_tails(checkpoint):
+    """40 prompts x n = 2: a budget of 4 slots decodes two waves of 20 prompts, each wave's tail moved
+    into 1 slot (refill.TAIL_SHRINK); a budget of 2 four waves of 10, tails in 1 slot too. The tokens
+    and log-probs are those of every row at once, sampled at temperature 1."""
+    rng = np.random.RandomState(1)
+    many = [rng.randint(1, 97, rng.randint(2, 12)).tolist() for _ in range(40)]
+    assert [refill.wave_prompts(40, 2, w) for w in (4, 2)] == [20, 10]
+    run = lambda budget: sampling.generate(checkpoint[2], many, max_new_tokens=12, n=2, temperature=1.0,
+                                           seed=3, stop_ids=(5, 7, 11, 13, 17), rows_in_flight=budget)
+    every = run(0)
+    assert len({len(t) for t in every.token_lists}) > 4
+    for budget in (4, 2):
+        out = run(budget)
+        assert out.token_lists == every.token_lists, budget
         np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(every.logprobs), atol=1e-5)
 
 
