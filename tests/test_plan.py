@@ -86,7 +86,7 @@ def _within(planned: int, xla: int, what: str, tolerance: float = 0.1) -> None:
     ("proposer", dict(batch_size=8, n=4, max_prompt_len=64, proposer_max_new_tokens=96,
                       solver_max_new_tokens=4)),
     # Slot refill: 64 answers, 8 rows in flight, the 16 prompts in one wave (refill.wave_prompts), its
-    # tail narrowed to 2 slots (the narrowed cache is a copy beside the wide one: within the 10%).
+    # tail narrowed to 2 slots.
     ("solver", dict(batch_size=4, n=4, max_prompt_len=64, proposer_max_new_tokens=16,
                     solver_max_new_tokens=96, rows_in_flight=8)),
 ])
