@@ -166,6 +166,13 @@ def base_config() -> ml_collections.ConfigDict:
         "batch_size": 64,
         "sampled_n": 0,              # also report mean accuracy of this many samples at temperature 1
         "sampled_problems": 0,       # ... on the first this many held-out problems (0 = all of them)
+        # A second held-out set, greedy at every evaluation as eval/<name>_greedy_accuracy: the task's
+        # held-out generator with these task options over task_options (e.g. operands beyond the
+        # warm-start corpus: where a curriculum that climbs past it would show), its own token budget.
+        "second_set": "",            # its name ("" = none)
+        "second_set_options": {},
+        "second_set_problems": 500,
+        "second_set_max_new_tokens": 0,  # 0 = eval.max_new_tokens
     })
     c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 3})
     c.log = ml_collections.ConfigDict({

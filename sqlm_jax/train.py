@@ -32,7 +32,7 @@ from sqlm_jax import auto_knobs, distributed, dynamic_sampling, learner, plan
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax.checkpoints import Checkpointer, CheckpointProblem
 from sqlm_jax.config_check import validate
-from sqlm_jax.evaluate import drop_overlong, evaluate_heldout
+from sqlm_jax.evaluate import drop_overlong, evaluate, evaluate_heldout
 from sqlm_jax.learner import Learner, NonFiniteError
 from sqlm_jax.models import load_pretrained, save_pretrained
 from sqlm_jax.models.critic import Critic
@@ -103,6 +103,7 @@ class Trainer:
         self.heldout_texts = {q.text for q, _ in heldout}  # kept out of a dataset run's questions
         self.eval_problems, self.eval_dropped = drop_overlong(self.tokenizer, self.task, heldout,
                                                               c.eval.max_prompt_len)
+        self.second_set = self._second_set() if c.eval.second_set else None
         self.steps_done = 0
         self.eval_history: list[dict[str, Any]] = []
         self.nonfinite_steps = 0  # steps in a row with an update skipped for a non-finite loss
@@ -186,9 +187,22 @@ class Trainer:
             out["eval/sampled_accuracy"] = sampled.sampled_accuracy
             if sampled.majority_accuracy is not None:
                 out["eval/majority_accuracy"] = sampled.majority_accuracy
+        if self.second_set is not None:
+            task, problems = self.second_set
+            tokens = c.eval.second_set_max_new_tokens or c.eval.max_new_tokens
+            out[f"eval/{c.eval.second_set}_greedy_accuracy"] = evaluate(
+                self.model, self.tokenizer, task, problems, max_new_tokens=tokens, batch_size=c.eval.batch_size,
+                mesh=self.mesh)
         self.eval_history.append({"step": self.steps_done, **out})
         self.log.scalars(self.steps_done, out)
         return out
+
+    def _second_set(self):
+        """(task, problems) of eval.second_set: the held-out generator under its own task options."""
+        c = self.config
+        task = get_task(c.task, **{**self.task_options, **dict(c.eval.second_set_options)})
+        problems = task.heldout_problems(c.eval.second_set_problems, c.eval.seed)
+        return task, drop_overlong(self.tokenizer, task, problems, c.eval.max_prompt_len)[0]
 
     def save(self) -> None:
         self.checkpointer.save(self.steps_done, self.learner.states, {

@@ -254,3 +254,32 @@ def test_cli_missing_model_folder_is_one_clear_line(tmp_path):
                 f"--config.workdir={tmp_path}/run")
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "no checkpoint folder" in out.stderr
+
+
+def test_second_heldout_set_is_evaluated_under_its_own_options(policy_folder, tmp_path, monkeypatch):
+    """eval.second_set: its problems come from the held-out generator under its options (first operands
+    of 5 digits here), it is evaluated at every evaluation with its own token budget, and its accuracy
+    is logged beside the main set's. The stand-in solver knows the products of 5-digit numbers only."""
+    from types import SimpleNamespace
+
+    from sqlm_jax import evaluate
+    budgets = []
+
+    def knows_big_products(model, prompts, *, max_new_tokens, n, **_):
+        budgets.append(max_new_tokens)
+        tokenizer = load_tokenizer(policy_folder)
+        answers = []
+        for p in prompts:
+            a, b = map(int, re.findall(r"\d+", tokenizer.hf.decode(p))[-2:])
+            answers += [tokenizer.encode(f"<answer>{a * b if a >= 10000 else -1}</answer>")] * n
+        return SimpleNamespace(token_lists=answers)
+
+    monkeypatch.setattr(evaluate, "generate", knows_big_products)
+    config = tiny_run_config(policy_folder, tmp_path / "run", steps=1)
+    config.eval.second_set = "beyond"
+    config.eval.second_set_options = {"heldout_a_range": (10000, 99999), "heldout_b_range": (2, 9)}
+    config.eval.second_set_problems, config.eval.second_set_max_new_tokens = 6, 20
+    summary = Trainer(config).run()
+    assert [e["eval/beyond_greedy_accuracy"] for e in summary["eval_history"]] == [1.0, 1.0]
+    assert [e["eval/greedy_accuracy"] for e in summary["eval_history"]] == [0.0, 0.0]
+    assert budgets.count(20) == 2 and budgets.count(config.eval.max_new_tokens) == 2

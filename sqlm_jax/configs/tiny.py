@@ -45,6 +45,13 @@ def get_config():
     c.eval.max_new_tokens = 96
     c.eval.sampled_n = 4
     c.eval.sampled_problems = 250
+    # Beyond the corpus (whose first operands have at most 4 digits): a 5-6-digit number times a
+    # 1-digit number, where a curriculum that climbs past the corpus would show (issue 18). Worked
+    # answers of 6 digits need ~130 tokens.
+    c.eval.second_set = "beyond"
+    c.eval.second_set_options = {"heldout_a_range": (10000, 999999), "heldout_b_range": (2, 9)}
+    c.eval.second_set_problems = 500
+    c.eval.second_set_max_new_tokens = 160
     c.checkpoint.every = 50
     c.log.samples = 4
     return c
