@@ -37,7 +37,7 @@ def _env(**extra):
 def test_main_runs_a_shipped_config_from_any_directory(installed_python, tmp_path):
     out = subprocess.run(
         [str(installed_python), "-m", "sqlm_jax.main", "--config=configs/tiny.py", "--config.train.steps=1",
-         "--config.eval.num_problems=64", "--config.workdir=run"],
+         "--config.eval.num_problems=64", "--config.eval.second_set_problems=16", "--config.workdir=run"],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "held-out greedy accuracy" in out.stdout

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags()}  # one CPU device, as a user has
-EVAL = ["--config=configs/tiny.py", "--config.eval.num_problems=64"]  # the run's held-out set, for evaluate too
+# The run's held-out sets (for evaluate too): 64 problems, and 32 of the beyond-the-corpus set.
+EVAL = ["--config=configs/tiny.py", "--config.eval.num_problems=64", "--config.eval.second_set_problems=32"]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,8 @@ def test_tiny_config_runs_self_play_end_to_end(tiny_run):
     assert summary["task"] == "arithmetic" and summary["steps"] == 4
     assert [e["step"] for e in summary["eval_history"]] == [0, 2, 4]
     assert 0 < summary["base_accuracy"] < 1  # the shipped model is imperfect, and not useless
+    beyond = [e["eval/beyond_greedy_accuracy"] for e in summary["eval_history"]]
+    assert len(beyond) == 3 and all(0 <= a < summary["base_accuracy"] for a in beyond)  # harder than the corpus's
     assert "held-out" in out.stdout and summary["export_dir"] in out.stdout
 
     # The proposer writes questions of the task; the solver's answers sometimes disagree, so the
