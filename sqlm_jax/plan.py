@@ -223,16 +223,19 @@ def _sampling_rows(config, cfg: ModelConfig, mesh) -> list[Row]:
     scores = 2 * shard_bytes((prompts, cfg.num_kv_heads, cfg.group_size, prompt, prompt),
                              ("batch", "kv_heads", None, None, None), 4, mesh)
     mlp = shard_bytes((prompts, prompt, 3, cfg.intermediate_size), ("batch", None, None, "mlp"), item, mesh)
-    refill = rows < _all_rows_calls(config)[role][1]
+    refilling = rows < _all_rows_calls(config)[role][1]
     logits = 6 * shard_bytes((rows, cfg.vocab_size), ("batch", "vocab"), 4, mesh) + (
-        _kv_cache_bytes(rows, prompt, cfg, mesh) if refill else 0)
+        _kv_cache_bytes(rows, prompt, cfg, mesh) if refilling else 0)
+    # A wave's tail moves into a quarter of the slots: that copy of their caches sits beside the wide one.
+    narrowed = _kv_cache_bytes(rows // refill.TAIL_SHRINK, response, cfg, mesh) if refilling else 0
     cache = _kv_cache_bytes(prompts, prompt, cfg, mesh) + _kv_cache_bytes(rows, response, cfg, mesh)
     return [
         Row("KV cache", "sampling", cache,
             f"{role}: {prompts} prompts x {prompt} slots + {rows} rows x {response} slots"
-            f"{' (rows in flight)' if refill else ''}, x {cfg.num_layers} layers x k,v ({cfg.compute_dtype})"),
-        Row("sampling transients", "sampling", max(scores, mlp, logits),
-            "prefill layer or decode logits x6" + (" + slots' prompt caches" if refill else "") + ", the larger"),
+            f"{' (rows in flight)' if refilling else ''}, x {cfg.num_layers} layers x k,v ({cfg.compute_dtype})"),
+        Row("sampling transients", "sampling", max(scores, mlp, logits, narrowed),
+            "prefill layer or decode logits x6" + (" + slots' prompt caches, or the narrowed tail's cache"
+                                                   if refilling else "") + ", the largest"),
     ]
 
 
