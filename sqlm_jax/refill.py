@@ -168,4 +168,3 @@ def _narrow(s: Slots, narrow: int, cache_axes) -> Slots:
     cache = cache_axes([LayerCache(slots(c.k), slots(c.v)) for c in s.cache])
     return s._replace(row=pick(s.row), active=pick(s.active), step=pick(s.step), position=pick(s.position),
                       last=pick(s.last), cache=cache)
-

@@ -38,12 +38,12 @@ def get_config():
     c.rl.micro_batch_size = 32
     c.rl.proposer_update_freq = 5
     c.rl.kl_coef = 0.001
-    # Three engineering choices, not the method's (issue 18; docs/results.md, "Peak and fall"): with
-    # a constant rate of 1e-4 (the reference's schedule) and every group in the update, held-out accuracy peaked
-    # at step 50 and fell back (seed 0: 0.771 -> 0.518 at step 200) as the solver learned answers its
-    # samples agree on but that are wrong (dropped digits, slips in the carries). A peak rate of 5e-5
-    # decayed on a cosine, and zero-variance groups left out of the update (DAPO's dynamic sampling,
-    # without refill), kept the gain to the end on three seeds.
+    # Three engineering choices, not the method's (issue 18; docs/results.md, "Peak and fall"): with a
+    # constant rate of 1e-4 (the reference's schedule) and every group in the update, held-out accuracy
+    # peaked at step 50 and fell back (seed 0: 0.771 -> 0.518 at step 200) as the solver learned answers
+    # its samples agree on but that are wrong (dropped digits, slips in the carries). A peak rate of
+    # 5e-5 decayed on a cosine, and zero-variance groups left out of the update (DAPO's dynamic
+    # sampling, without refill), kept the gain to the end on three seeds.
     c.optim.lr = 5e-5
     c.optim.schedule = "cosine"
     c.rl.filter_zero_variance = True
