@@ -25,7 +25,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from sqlm_jax import configs, rewards, sampling, tiny_corpus
+from sqlm_jax import configs, rewards, sampling, tiny_algebra_corpus, tiny_corpus
 from sqlm_jax.evaluate import evaluate
 from sqlm_jax.models.config import ModelConfig
 from sqlm_jax.models.hf import save_pretrained
@@ -132,9 +132,10 @@ def warm_start(cfg: ModelConfig, tokens: np.ndarray, loss_mask: np.ndarray, trai
     """
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
     # A constant rate after warm-up, no decay: the model at step k of a longer run is then the model a
-    # k-step run makes (up to the loss normalizer, the corpus's mean, which moves a little with its
-    # size), so a long run's watched curve shows where to stop. The shipped model is the `steps`-step
-    # run itself, reproduced exactly.
+    # k-step run makes, so a long run's watched curve shows where to stop. With `normalizer_rows` (the
+    # loss normalizer from the corpus's first rows, not all of them) and k a multiple of 16 (whole
+    # length-bucket pools) it is that model bit for bit; with 0 (the arithmetic asset's) the
+    # normalizer, the whole corpus's mean, moves a little with its size.
     tx = make_optimizer(ml_collections.ConfigDict(dict(
         schedule="constant", lr=train_cfg.learning_rate, warmup_steps=train_cfg.warmup_steps, b1=0.9,
         b2=0.98, eps=1e-8, weight_decay=train_cfg.weight_decay, grad_clip=train_cfg.grad_clip)),
@@ -145,7 +146,8 @@ def warm_start(cfg: ModelConfig, tokens: np.ndarray, loss_mask: np.ndarray, trai
     # would hold direct answers only or worked answers only, and each step would swing the model's
     # choice between the two instead of learning the corpus's mix.
     prompt_lengths = np.argmax(loss_mask, axis=1)
-    normalizer = train_cfg.batch_size * float(loss_mask.sum()) / len(loss_mask)
+    rows = train_cfg.get("normalizer_rows", 0) or len(loss_mask)
+    normalizer = train_cfg.batch_size * float(loss_mask[:rows].sum()) / len(loss_mask[:rows])
     step = make_train_step(graphdef, tx, normalizer)
     batches = itertools.islice(length_bucketed_batches(prompt_lengths, train_cfg.batch_size, seed),
                                train_cfg.steps)
@@ -200,48 +202,67 @@ def worked_answer_stats(name: str, result) -> dict:
             f"{name}_direct_accuracy": mean(result.scores[~worked])}
 
 
-def evaluate_proposer(model, tok: Tokenizer, task, heldout_questions: set[str], *, num: int,
-                      max_new_tokens: int, seed: int, family: tiny_corpus.ProblemFamily,
-                      heldout_family: tiny_corpus.ProblemFamily) -> dict:
-    """What the proposer writes at temperature 1 from the topic prompt.
-
-    Valid: exactly a question of the corpus's family. Also: how many fall in the held-out set's
-    family and how many are held-out questions themselves, the operands' digit counts, repeats.
-    """
+def sample_proposals(model, tok: Tokenizer, task, *, num: int, max_new_tokens: int, seed: int) -> list[str]:
+    """``num`` proposals written at temperature 1 from the task's topic prompt, decoded."""
     prompt = tok.chat_prompt(task.proposer_prompt)
     out = sampling.generate(model, [prompt], n=num, max_new_tokens=max_new_tokens, temperature=1.0,
                             stop_ids=tok.stop_ids, pad_id=tok.pad_id, seed=seed)
-    questions = [task.parse_question(tok.decode(r)) for r in out.token_lists]
-    texts = [q.text for q in questions if q is not None]
-    operands = [ab for ab in map(family.parse, texts) if ab is not None]
+    return [tok.decode(r) for r in out.token_lists]
+
+
+def arithmetic_proposal_stats(texts: list[str], heldout_questions: set[str], task,
+                              family: tiny_corpus.ProblemFamily,
+                              heldout_family: tiny_corpus.ProblemFamily) -> dict:
+    """Valid: exactly a question of the corpus's family. Also: how many fall in the held-out set's
+    family and how many are held-out questions themselves, the operands' digit counts, repeats."""
+    num = len(texts)
+    questions = [q.text for q in map(task.parse_question, texts) if q is not None]
+    operands = [ab for ab in map(family.parse, questions) if ab is not None]
     digits = collections.Counter(f"{len(str(a))}x{len(str(b))}" for a, b in operands)
     return {
         "num_proposals": num,
         "valid_fraction": len(operands) / num,
-        "heldout_family_fraction": sum(heldout_family.parse(t) is not None for t in texts) / num,
-        "heldout_overlap": sum(t in heldout_questions for t in texts) / num,
-        "distinct_fraction": len(set(texts)) / num,
+        "heldout_family_fraction": sum(heldout_family.parse(t) is not None for t in questions) / num,
+        "heldout_overlap": sum(t in heldout_questions for t in questions) / num,
+        "distinct_fraction": len(set(questions)) / num,
         "operand_digits": {k: v / max(len(operands), 1) for k, v in sorted(digits.items())},
-        "examples": texts[:10],
+        "examples": questions[:10],
     }
+
+
+def corpus_and_proposal_stats(config, task, excluded: set[str]):
+    """The warm-start chats of ``config.task_name``'s corpus, and the function that describes the
+    proposals of the trained model: ``stats(texts, heldout_questions) -> dict``."""
+    n = config.train.steps * config.train.batch_size
+    solver_prompt = lambda q: task.solver_prompt(Question(q))
+    if config.task_name == "algebra":
+        chats = tiny_algebra_corpus.chat_examples(
+            n, config.seed, family=task.family, proposer_fraction=config.corpus.proposer_fraction,
+            worked_fraction_one=config.corpus.worked_fraction_one,
+            worked_fraction_two=config.corpus.worked_fraction_two, proposer_prompt=task.proposer_prompt,
+            solver_prompt=solver_prompt, exclude=excluded)
+        return chats, tiny_algebra_corpus.proposal_stats
+    family = tiny_corpus.ProblemFamily(tuple(config.corpus.a_range), tuple(config.corpus.b_range),
+                                       task.question_template, config.corpus.by_digits)
+    chats = tiny_corpus.chat_examples(
+        n, config.seed, family=family, proposer_fraction=config.corpus.proposer_fraction,
+        worked_style=config.corpus.worked_style,
+        worked_fraction={int(b): f for b, f in config.corpus.worked_fraction_by_b.items()},
+        proposer_prompt=task.proposer_prompt, solver_prompt=solver_prompt, exclude=excluded)
+    heldout_family = tiny_corpus.ProblemFamily(tuple(task.heldout_a_range), tuple(task.heldout_b_range),
+                                               task.question_template)
+    return chats, lambda texts, heldout: arithmetic_proposal_stats(texts, heldout, task, family, heldout_family)
 
 
 def main(_):
     config = _CONFIG.value
     out_dir = Path(config.out_dir)
     tokenizer = tiny_corpus.build_tokenizer()
-    task = get_task("arithmetic", **config.task)
-    family = tiny_corpus.ProblemFamily(tuple(config.corpus.a_range), tuple(config.corpus.b_range),
-                                       task.question_template, config.corpus.by_digits)
+    task = get_task(config.task_name, **config.task)
     excluded = {q.text for q, _ in task.heldout_problems(config.corpus.exclude_heldout, config.eval.seed)}
 
     start = time.time()
-    chats = tiny_corpus.chat_examples(
-        config.train.steps * config.train.batch_size, config.seed, family=family,
-        proposer_fraction=config.corpus.proposer_fraction, worked_style=config.corpus.worked_style,
-        worked_fraction={int(b): f for b, f in config.corpus.worked_fraction_by_b.items()},
-        proposer_prompt=task.proposer_prompt,
-        solver_prompt=lambda q: task.solver_prompt(Question(q)), exclude=excluded)
+    chats, proposal_stats = corpus_and_proposal_stats(config, task, excluded)
     tokens, loss_mask = encode_chats(tokenizer, chats, config.train.seq_len)
     cfg = model_config(config.model, tokenizer)
     print(f"corpus: {len(chats)} chats, {int(loss_mask.sum())} target tokens; "
@@ -268,7 +289,7 @@ def main(_):
     tok = load_tokenizer(out_dir)
     problems = task.heldout_problems(config.eval.num_problems, config.eval.seed)
     metrics = {
-        "command": "python -m sqlm_jax.pretrain --config=configs/tiny_pretrain.py",
+        "command": "python -m sqlm_jax.pretrain --config=" + config_flags.get_config_filename(flags.FLAGS["config"]),
         "train_seconds": round(train_seconds, 1),
         "num_params": cfg.num_params(),
         "losses": losses,
@@ -276,12 +297,10 @@ def main(_):
         "solver": evaluate_solver(model, tok, task, problems, n=config.eval.n,
                                   max_new_tokens=config.eval.max_new_tokens,
                                   batch_size=config.eval.batch_size, seed=config.seed),
-        "proposer": evaluate_proposer(model, tok, task, {q.text for q, _ in problems},
-                                      num=config.eval.num_proposals, max_new_tokens=16,
-                                      seed=config.seed, family=family,
-                                      heldout_family=tiny_corpus.ProblemFamily(
-                                          tuple(task.heldout_a_range), tuple(task.heldout_b_range),
-                                          task.question_template)),
+        "proposer": proposal_stats(
+            sample_proposals(model, tok, task, num=config.eval.num_proposals,
+                             max_new_tokens=config.eval.proposer_max_new_tokens, seed=config.seed),
+            {q.text for q, _ in problems}),
     }
     (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({k: v for k, v in metrics.items() if k != "losses"}, indent=2))

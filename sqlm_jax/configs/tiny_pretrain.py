@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.out_dir = "sqlm_jax/assets/tiny"
+    c.task_name = "arithmetic"
 
     # The arithmetic task as the tiny self-play run uses it (configs/tiny.py passes the same options):
     # short prompts, and a held-out set of a 2-4-digit number times a 1-digit number, uniform over
@@ -74,5 +75,6 @@ def get_config() -> ml_collections.ConfigDict:
         watch_problems=200,
         max_new_tokens=96,
         num_proposals=1000,
+        proposer_max_new_tokens=16,
     ))
     return c

@@ -60,37 +60,53 @@ def _nonzero(rng: random.Random, bound: int) -> int:
     return rng.choice([k for k in range(-bound, bound + 1) if k])
 
 
-def one_variable_problem(rng: random.Random) -> tuple[str, Fraction]:
-    """a*v + b = c*v + d with a != c (so the solution is unique) and an integer solution."""
-    v = rng.choice(_VARIABLES)
-    solution = rng.randint(-12, 12)
-    a = _nonzero(rng, 15)
-    c = rng.choice([k for k in range(-15, 16) if k != a])
-    b = rng.randint(-60, 60)
-    d = (a - c) * solution + b
-    return f"Solve {_linear([(a, v)], b)} = {_linear([(c, v)], d)} for {v}.", Fraction(solution)
+@dataclass(frozen=True)
+class LinearFamily:
+    """The sizes of the generator's problems; the defaults are the OMEGA-style held-out set's.
+
+    One variable: ``a*v + b = c*v + d`` with ``|a|, |c| <= coefficient_bound``, ``|b| <= constant_bound``.
+    Two variables: a 2x2 system with nonzero coefficients ``<= system_coefficient_bound`` in size.
+    Solutions are integers in ``[-solution_bound, solution_bound]``; a ``two_variable_fraction`` of
+    the problems are systems.
+    """
+
+    coefficient_bound: int = 15
+    constant_bound: int = 60
+    solution_bound: int = 12
+    system_coefficient_bound: int = 9
+    two_variable_fraction: float = 0.5
+
+    def one_variable(self, rng: random.Random) -> tuple[str, Fraction]:
+        """a*v + b = c*v + d with a != c (so the solution is unique) and an integer solution."""
+        v = rng.choice(_VARIABLES)
+        solution = rng.randint(-self.solution_bound, self.solution_bound)
+        a = _nonzero(rng, self.coefficient_bound)
+        c = rng.choice([k for k in range(-self.coefficient_bound, self.coefficient_bound + 1) if k != a])
+        b = rng.randint(-self.constant_bound, self.constant_bound)
+        d = (a - c) * solution + b
+        return f"Solve {_linear([(a, v)], b)} = {_linear([(c, v)], d)} for {v}.", Fraction(solution)
+
+    def two_variable(self, rng: random.Random) -> tuple[str, Fraction]:
+        """A 2x2 system with nonzero determinant (unique solution), integer solutions; asks for one."""
+        u, w = rng.sample(_VARIABLES, 2)
+        x, y = (rng.randint(-self.solution_bound, self.solution_bound) for _ in range(2))
+        while True:
+            a, b, c, d = (_nonzero(rng, self.system_coefficient_bound) for _ in range(4))
+            if a * d - b * c:
+                break
+        asked, value = rng.choice([(u, x), (w, y)])
+        first = f"{_linear([(a, u), (b, w)])} = {a * x + b * y}"
+        second = f"{_linear([(c, u), (d, w)])} = {c * x + d * y}"
+        return f"Solve {first}, {second} for {asked}.", Fraction(value)
+
+    def problem(self, rng: random.Random) -> tuple[str, Fraction]:
+        return (self.two_variable if rng.random() < self.two_variable_fraction else self.one_variable)(rng)
 
 
-def two_variable_problem(rng: random.Random) -> tuple[str, Fraction]:
-    """A 2x2 system with nonzero determinant (unique solution), integer solutions; asks for one."""
-    u, w = rng.sample(_VARIABLES, 2)
-    x, y = rng.randint(-12, 12), rng.randint(-12, 12)
-    while True:
-        a, b, c, d = (_nonzero(rng, 9) for _ in range(4))
-        if a * d - b * c:
-            break
-    asked, value = rng.choice([(u, x), (w, y)])
-    first = f"{_linear([(a, u), (b, w)])} = {a * x + b * y}"
-    second = f"{_linear([(c, u), (d, w)])} = {c * x + d * y}"
-    return f"Solve {first}, {second} for {asked}.", Fraction(value)
-
-
-def linear_equation_problems(n: int, seed: int) -> list[tuple[str, Fraction]]:
-    """``n`` seeded problems, half one-variable and half two-variable on average."""
+def linear_equation_problems(n: int, seed: int, family: LinearFamily = LinearFamily()) -> list[tuple[str, Fraction]]:
+    """``n`` seeded problems of ``family``."""
     rng = random.Random(seed)
-    return [
-        (two_variable_problem if rng.random() < 0.5 else one_variable_problem)(rng) for _ in range(n)
-    ]
+    return [family.problem(rng) for _ in range(n)]
 
 
 @dataclass
@@ -113,6 +129,17 @@ class AlgebraTask(MathTask):
     dataset: str | None = None
     dataset_config: str | None = None
     dataset_split: str = "test"
+    # The generator's sizes (LinearFamily): for the held-out set without a file, and training_problems.
+    coefficient_bound: int = LinearFamily.coefficient_bound
+    constant_bound: int = LinearFamily.constant_bound
+    solution_bound: int = LinearFamily.solution_bound
+    system_coefficient_bound: int = LinearFamily.system_coefficient_bound
+    two_variable_fraction: float = LinearFamily.two_variable_fraction
+
+    @property
+    def family(self) -> LinearFamily:
+        return LinearFamily(self.coefficient_bound, self.constant_bound, self.solution_bound,
+                            self.system_coefficient_bound, self.two_variable_fraction)
 
     def parse_question(self, text: str) -> Question | None:
         question = parse_selected_question(text)
@@ -126,7 +153,7 @@ class AlgebraTask(MathTask):
     def heldout_problems(self, n: int, seed: int) -> list[tuple[Question, str]]:
         """(question, truth) pairs; truth is the exact answer string (generator: ``str(Fraction)``)."""
         if self.data_path is None and self.dataset is None:
-            return [(Question(text), str(value)) for text, value in linear_equation_problems(n, seed)]
+            return [(Question(text), str(value)) for text, value in linear_equation_problems(n, seed, self.family)]
         if self.data_path is not None:
             records = load_records(self.data_path)
         else:
@@ -138,7 +165,7 @@ class AlgebraTask(MathTask):
         the generator's (never ``data_path`` or ``dataset``, which hold the held-out problems)."""
         if path is not None:
             return [(Question(record_question(r)), record_answer(r)) for r in sample(load_records(path), n, seed)]
-        return [(Question(text), str(value)) for text, value in linear_equation_problems(n, seed)]
+        return [(Question(text), str(value)) for text, value in linear_equation_problems(n, seed, self.family)]
 
     def question_features(self, question: Question) -> dict[str, float]:
         """variables: distinct letters used as variables; equations: "=" signs; numbers: their count;

@@ -1,0 +1,103 @@
+"""The tiny algebra demo: its corpus (every answer and every scratchpad step correct, held-out problems
+left out), the generator's sizes as task options, and the shipped model it warm-starts."""
+import json
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sqlm_jax import tiny_algebra_corpus as corpus
+from sqlm_jax.configs import tiny_algebra_pretrain
+from sqlm_jax.tasks import get_task
+from sqlm_jax.tasks.algebra import LinearFamily, linear_equation_problems, parse_selected_question
+
+TINY = LinearFamily(**{k: v for k, v in tiny_algebra_pretrain.TASK.items() if k in LinearFamily.__annotations__})
+ASSET = Path(corpus.__file__).parent / "assets" / "tiny_algebra"
+
+
+@pytest.mark.parametrize("family", [LinearFamily(), TINY], ids=["omega_sizes", "tiny_sizes"])
+def test_solve_rederives_every_generated_answer(family):
+    problems = linear_equation_problems(3000, seed=11, family=family)
+    assert {"," in q for q, _ in problems} == {True, False}
+    for question, answer in problems:
+        assert corpus.solve(question) == answer, question
+
+
+def test_solve_reads_what_a_model_may_write_and_refuses_the_rest():
+    assert corpus.solve("Solve 3*x + 4 = x - 6 for x.") == -5
+    assert corpus.solve("Solve 2*x = 3 for x.") == Fraction(3, 2)
+    assert corpus.solve("Solve x + y = 3, x - y = 1 for y.") == 1
+    for text in ("Solve x + y = 3, 2*x + 2*y = 6 for x.",  # not a unique solution
+                 "Solve 3*x + 4 = 3*x - 6 for x.", "Solve 3*x + 4 = 7 for y.", "Solve 3*x + * 4 = 7 for x.",
+                 "Solve 3x = 7", "What is 2+2?", ""):
+        assert corpus.solve(text) is None, text
+
+
+def test_the_generator_sizes_are_task_options_and_default_to_the_heldout_sets():
+    default = get_task("algebra").heldout_problems(200, seed=3)
+    assert [(q.text, a) for q, a in default] == [(q, str(a)) for q, a in linear_equation_problems(200, 3)]
+    tiny = get_task("algebra", **tiny_algebra_pretrain.TASK).heldout_problems(2000, seed=3)
+    numbers = [abs(int(n)) for q, _ in tiny for n in re.findall(r"\d+", q.text)]
+    answers = [int(a) for _, a in tiny]
+    assert max(answers) == 9 and min(answers) == -9  # solution_bound
+    # coefficients <= 9, constants <= 20 + (9+9)*9 on the right-hand side of one-variable problems
+    assert max(numbers) <= 20 + 18 * 9
+    systems = [q.text for q, _ in tiny if "," in q.text]
+    assert 0.45 < len(systems) / len(tiny) < 0.55
+    assert all(int(c) <= 4 for q in systems for c in re.findall(r"(\d+)\*", q))
+
+
+def _check_step(step: str):
+    """``name=expr=...=value``: every expression after the first '=' has the value of the last."""
+    parts = step.split("=")
+    values = [eval(p, {"__builtins__": {}}) for p in parts[1:]]  # digits, + - * / and parentheses only
+    assert all(re.fullmatch(r"[-+*/() 0-9]+", p) for p in parts[1:]), step
+    assert all(v == values[-1] for v in values), step
+    return parts[0], values[-1]
+
+
+def test_every_answer_and_every_scratchpad_step_of_the_corpus_is_correct():
+    chats = corpus.chat_examples(4000, seed=0, family=TINY)
+    solver = [(u, a) for u, a in chats if u.startswith(corpus.SOLVER_INSTRUCTION)]
+    proposer = [a for u, a in chats if u == corpus.PROPOSER_PROMPT]
+    assert len(solver) + len(proposer) == 4000 and 300 < len(proposer) < 500
+    worked = {True: [], False: []}
+    for user, reply in solver:
+        question = user[len(corpus.SOLVER_INSTRUCTION) + 1:]
+        truth = corpus.solve(question)
+        answer = re.fullmatch(r"(?:<think>(.*)</think>)?<answer>(-?\d+)</answer>", reply)
+        assert answer and int(answer.group(2)) == truth, (question, reply)
+        if answer.group(1):
+            steps = [_check_step(s) for s in answer.group(1).split(" ")]
+            asked = re.search(r"for ([a-z])\.$", question).group(1)
+            assert steps[-1] == (asked, truth), (question, reply)  # the scratchpad ends on the answer
+        worked["," in question].append(answer.group(1) is not None)
+    # One-variable problems mostly direct, systems mostly worked: the corpus's mix.
+    assert abs(np.mean(worked[False]) - 0.35) < 0.04 and abs(np.mean(worked[True]) - 0.8) < 0.04
+    for reply in proposer:
+        draft, selected = reply.split("\n")
+        assert corpus.solve(draft) is not None
+        assert parse_selected_question(reply) == selected.removeprefix("Selected Question: ")
+        assert corpus.solve(parse_selected_question(reply)) is not None
+
+
+def test_heldout_problems_never_appear_in_the_corpus():
+    task = get_task("algebra", **tiny_algebra_pretrain.TASK)
+    heldout = {q.text for q, _ in task.heldout_problems(5000, seed=1234)}
+    # The tiny family is small enough that a corpus of this size meets held-out problems by chance.
+    plain = corpus.chat_examples(30000, seed=0, family=TINY)
+    texts = lambda chats: {q for u, a in chats for q in re.findall(r"Solve [^\n]*?\.", u + "\n" + a)}
+    assert texts(plain) & heldout
+    assert not texts(corpus.chat_examples(30000, seed=0, family=TINY, exclude=heldout)) & heldout
+
+
+def test_proposal_stats_count_selected_valid_and_heldout_questions():
+    texts = ["Solve x + 1 = 3 for x.\nSelected Question: Solve 2*y = 4 for y.",
+             "Selected Question: Solve 2*y = 5 for y.",  # a fraction: not the generator's form
+             "Solve x + 1 = 3 for x.",  # no selected question
+             "Selected Question: Solve 2*y = 4 for y."]
+    stats = corpus.proposal_stats(texts, heldout_questions={"Solve 2*y = 4 for y."})
+    assert stats["selected_fraction"] == 0.75 and stats["valid_fraction"] == 0.5
+    assert stats["heldout_overlap"] == 0.5 and stats["distinct_fraction"] == 0.5
