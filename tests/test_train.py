@@ -125,8 +125,11 @@ def test_update_shortcuts_give_the_plain_first_update(policy_folder, tmp_path):
     plain_metrics, plain_params = fetch({"proposer": learner.update(plain)}), _params(trainer)
     for k in plain_metrics:
         np.testing.assert_allclose(fast_metrics[k], plain_metrics[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    # Adam's first step is lr * g / (|g| + eps): where |g| is float noise (~1e-8) the two equal
+    # computations' rounding moves a weight by up to ~2% of lr on some CPUs; a wrong shortcut moves
+    # weights by O(lr).
     worst = max(np.abs(fast_params[k] - plain_params[k]).max() for k in plain_params)
-    assert worst < 1e-2 * config.optim.lr, worst
+    assert worst < 0.1 * config.optim.lr, worst
 
     trainer.config.rollout.temperature = 0.7  # the sampler's tokens, not its log-probs' distribution
     assert not learner.reuses_sampler_logprobs
