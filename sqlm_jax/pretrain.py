@@ -28,7 +28,7 @@ from tqdm import tqdm
 from sqlm_jax import configs, rewards, sampling, tiny_algebra_corpus, tiny_corpus
 from sqlm_jax.evaluate import evaluate
 from sqlm_jax.models.config import ModelConfig
-from sqlm_jax.models.hf import save_pretrained
+from sqlm_jax.models.hf import load_pretrained, save_pretrained
 from sqlm_jax.models.transformer import Transformer
 from sqlm_jax.tasks import Question, get_task
 from sqlm_jax.tokenizer import Tokenizer, load_tokenizer
@@ -127,8 +127,8 @@ def warm_start(cfg: ModelConfig, tokens: np.ndarray, loss_mask: np.ndarray, trai
     """Trains a fresh model for `train_cfg.steps` steps on `tokens[N, T]`, one pass in corpus order.
 
     Each batch is cut to its longest chat, rounded up to a multiple of 16 (a handful of compiled
-    shapes). Every `train_cfg.eval_every` steps (0: never) `on_eval(step, model)` is called, to watch
-    the run. Returns the model and `(step, mean loss since the last entry)` every `log_every` steps.
+    shapes). Every `train_cfg.eval_every` steps (0: never) `on_eval(step, model, losses)` is called,
+    to watch the run. Returns the model and `(step, mean loss since the last entry)` every `log_every` steps.
     """
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
     # A constant rate after warm-up, no decay: the model at step k of a longer run is then the model a
@@ -162,7 +162,7 @@ def warm_start(cfg: ModelConfig, tokens: np.ndarray, loss_mask: np.ndarray, trai
             recent = []
             bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
         if on_eval and train_cfg.eval_every and (i + 1) % train_cfg.eval_every == 0:
-            on_eval(i + 1, nnx.merge(graphdef, params))
+            on_eval(i + 1, nnx.merge(graphdef, params), losses)
     return nnx.merge(graphdef, params), losses
 
 
@@ -190,6 +190,8 @@ def evaluate_solver(model, tok: Tokenizer, task, problems, *, n: int, max_new_to
         "disagreement_fraction": float(np.mean(np.asarray(agreement) < 1)),
         **worked_answer_stats("greedy", greedy), **worked_answer_stats("sampled", sampled),
         "greedy_examples": [r[0] for r in greedy.responses[:5]],
+        # Per problem, "1" where the greedy answer is right: a test can recheck any subset exactly.
+        "greedy_scores": "".join("1" if s else "0" for s in np.asarray(greedy.scores).reshape(-1)),
     }
 
 
@@ -270,19 +272,31 @@ def main(_):
     watch = task.heldout_problems(config.eval.watch_problems, config.eval.seed + 1)
     watched = []
 
-    def on_eval(step, model):
+    def on_eval(step, model, losses):
         tok = Tokenizer(tokenizer)
         stats = {"step": step, **evaluate_solver(model, tok, task, watch, n=config.eval.n,
                                                  max_new_tokens=config.eval.max_new_tokens,
                                                  batch_size=config.eval.batch_size, seed=config.seed)}
-        stats.pop("greedy_examples")
+        stats.pop("greedy_examples"), stats.pop("greedy_scores")
         watched.append(stats)
         if config.train.snapshot_dir:  # to pick where to stop without training again
-            save_pretrained(model, cfg, Path(config.train.snapshot_dir) / f"step_{step}")
+            snapshot = Path(config.train.snapshot_dir) / f"step_{step}"
+            save_pretrained(model, cfg, snapshot)
+            (snapshot / "run_so_far.json").write_text(json.dumps(
+                {"train_seconds": round(time.time() - start, 1), "losses": losses, "watched": watched}))
         tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}))
 
-    model, losses = warm_start(cfg, tokens, loss_mask, config.train, config.seed, on_eval=on_eval)
-    train_seconds = time.time() - start
+    if config.train.get("from_snapshot"):
+        # A snapshot of a longer run at step `steps` is the model this run would train (normalizer_rows),
+        # so it is shipped, with its run's record, instead of training it again.
+        model, _ = load_pretrained(config.train.from_snapshot)
+        so_far = json.loads((Path(config.train.from_snapshot) / "run_so_far.json").read_text())
+        if so_far["losses"][-1][0] != config.train.steps:
+            raise SystemExit(f"error: {config.train.from_snapshot} is not a snapshot at step {config.train.steps}")
+        train_seconds, losses, watched = so_far["train_seconds"], so_far["losses"], so_far["watched"]
+    else:
+        model, losses = warm_start(cfg, tokens, loss_mask, config.train, config.seed, on_eval=on_eval)
+        train_seconds = time.time() - start
 
     save_pretrained(model, cfg, out_dir)
     tiny_corpus.save_tokenizer(tokenizer, out_dir)

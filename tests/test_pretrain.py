@@ -144,13 +144,26 @@ def test_warm_start_steps_reduce_the_loss():
     cfg = pretrain.model_config(model_cfg, tokenizer)
     seen = {}
     model, losses = pretrain.warm_start(cfg, tokens, mask, train_cfg, seed=0, log_every=1,
-                                        on_eval=lambda step, m: seen.setdefault(step, m.embed[...]))
+                                        on_eval=lambda step, m, losses: seen.setdefault(step, m.embed[...]))
     assert losses[-1][1] < 0.8 * losses[0][1]
     assert sorted(seen) == [6, 12]
     # The same seed gives the same model, and a 6-step run is the 12-step run stopped at step 6.
     train_cfg.steps, train_cfg.eval_every = 6, 0
     again, _ = pretrain.warm_start(cfg, tokens, mask, train_cfg, seed=0, log_every=1)
     np.testing.assert_array_equal(np.asarray(seen[6]), np.asarray(again.embed[...]))
+
+    # A shorter run trains on the corpus's first rows only (its corpus is steps x batch_size chats).
+    # With the loss normalizer from the first `normalizer_rows` rows, and at a multiple of 16 steps
+    # (whole length-bucket pools), it is still the longer run stopped there, bit for bit: a snapshot
+    # can be shipped as the shorter run's model.
+    train_cfg = ConfigDict(dict(steps=32, batch_size=4, learning_rate=1e-2, warmup_steps=2, weight_decay=0.0,
+                                grad_clip=1.0, eval_every=16, normalizer_rows=64))
+    seen = {}
+    pretrain.warm_start(cfg, tokens[:128], mask[:128], train_cfg, seed=0,
+                        on_eval=lambda step, m, losses: seen.setdefault(step, m.embed[...]))
+    train_cfg.steps, train_cfg.eval_every = 16, 0
+    short, _ = pretrain.warm_start(cfg, tokens[:64], mask[:64], train_cfg, seed=0)
+    np.testing.assert_array_equal(np.asarray(seen[16]), np.asarray(short.embed[...]))
 
 
 def test_shipped_asset_loads_is_small_and_is_imperfect():
