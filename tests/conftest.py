@@ -35,7 +35,7 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # README's command: a module runs whole on one worker, its module-scoped fixtures built once) neither
 # worker is left with a long module at the end while the other idles. Figures: `--durations`.
 SLOW_FIRST = ("test_distributed", "test_train", "test_tiny_config", "test_sandbox_load", "test_kill_resume",
-              "test_installed_package", "test_resume_errors", "test_pretrain", "test_toolbox_runs",
+              "test_resume_errors", "test_pretrain", "test_toolbox_runs",
               "test_reward_to_update", "test_lora", "test_lora_run", "test_sandbox", "test_evaluate_cli")
 
 
