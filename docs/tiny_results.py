@@ -2,22 +2,21 @@
 
     python docs/tiny_results.py runs/tiny_seed0 runs/tiny_seed1 runs/tiny_seed2 \
         --ablation format-only=runs/tiny_format_reward --ablation pregenerated=runs/tiny_pregenerated
+    python docs/tiny_results.py --name=tiny_algebra runs/tiny_algebra_seed0 ...
 
 Prints the markdown tables (every evaluation of every run; the proposals' overlap with the held-out
-set) and writes docs/img/tiny_*.png.
+set, from the task and held-out set each run's summary.json names) and writes docs/img/NAME_*.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import runpy
 import statistics
 from pathlib import Path
 
 from sqlm_jax.plots import compare_runs, read_jsonl
 from sqlm_jax.tasks import get_task
 
-ROOT = Path(__file__).resolve().parents[1]
 IMG = Path(__file__).with_name("img")
 
 
@@ -40,16 +39,21 @@ def gains(runs: dict[str, Path]) -> dict[str, float]:
     return out
 
 
-def overlap(workdir: Path, heldout: set[str]) -> tuple[int, int]:
-    """(proposals that are held-out questions, all proposals) over the run."""
-    proposals = [p.strip() for line in read_jsonl(workdir / "questions.jsonl") for p in line["proposals"]]
-    return sum(p in heldout for p in proposals), len(proposals)
+def overlap(workdir: Path) -> tuple[int, int]:
+    """(proposals whose question is a held-out question, all proposals) over the run."""
+    s = json.loads((workdir / "summary.json").read_text())
+    task = get_task(s["task"], **s["task_options"])
+    heldout = {q.text.strip() for q, _ in task.heldout_problems(s["eval"]["num_problems"], s["eval"]["seed"])}
+    proposals = [p for line in read_jsonl(workdir / "questions.jsonl") for p in line["proposals"]]
+    questions = [q.text.strip() for q in map(task.parse_question, proposals) if q is not None]
+    return sum(q in heldout for q in questions), len(proposals)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("seeds", nargs="+", type=Path, help="workdirs of the tiny config's seeds")
     parser.add_argument("--ablation", action="append", default=[], help="NAME=WORKDIR")
+    parser.add_argument("--name", default="tiny", help="the figures' file names: docs/img/NAME_greedy.png ...")
     args = parser.parse_args()
     seeds = {p.name: p for p in args.seeds}
     ablations = dict((k, Path(v)) for k, v in (a.split("=", 1) for a in args.ablation))
@@ -58,16 +62,13 @@ def main():
     print("gains:", {k: round(v, 3) for k, v in {**seed_gains, **gains(ablations)}.items()},
           "median over seeds:", round(statistics.median(seed_gains.values()), 3), "\n")
 
-    config = runpy.run_path(str(ROOT / "configs" / "tiny.py"))["get_config"]()
-    task = get_task("arithmetic", **{k: v for k, v in config.task_options.items() if v is not None})
-    heldout = {q.text for q, _ in task.heldout_problems(config.eval.num_problems, config.eval.seed)}
     for name, workdir in {**seeds, **ablations}.items():
-        hits, total = overlap(workdir, heldout)
+        hits, total = overlap(workdir)
         print(f"{name}: {hits} of {total} proposals are held-out questions ({hits / max(total, 1):.2%})")
 
     IMG.mkdir(exist_ok=True)
     for key, stem in [("eval/greedy_accuracy", "greedy"), ("eval/sampled_accuracy", "sampled")]:
-        print(compare_runs({**seeds, **ablations}, IMG / f"tiny_{stem}.png", key=key))
+        print(compare_runs({**seeds, **ablations}, IMG / f"{args.name}_{stem}.png", key=key))
 
 
 if __name__ == "__main__":

@@ -286,7 +286,7 @@ def main(_):
                 {"train_seconds": round(time.time() - start, 1), "losses": losses, "watched": watched}))
         tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}))
 
-    if config.train.get("from_snapshot"):
+    if config.train.from_snapshot:
         # A snapshot of a longer run at step `steps` is the model this run would train (normalizer_rows),
         # so it is shipped, with its run's record, instead of training it again.
         model, _ = load_pretrained(config.train.from_snapshot)

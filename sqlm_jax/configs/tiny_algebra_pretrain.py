@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
         eval_every=480,
         normalizer_rows=480 * 32,
         snapshot_dir="",
+        # A snapshot folder of a longer run at step `steps` (snapshot_dir/step_K): evaluated and shipped
+        # instead of training again; exact only where normalizer_rows is set.
+        from_snapshot="",
         weight_decay=0.1,
         grad_clip=1.0,
     ))

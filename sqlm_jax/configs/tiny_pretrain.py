@@ -62,6 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
         warmup_steps=60,
         eval_every=250,
         snapshot_dir="",
+        normalizer_rows=0,  # 0: the whole corpus's mean (how the shipped model was made)
+        # A snapshot folder of a longer run at step `steps` (snapshot_dir/step_K): evaluated and shipped
+        # instead of training again; exact only where normalizer_rows is set.
+        from_snapshot="",
         weight_decay=0.1,
         grad_clip=1.0,
     ))
