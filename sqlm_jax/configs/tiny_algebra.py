@@ -1,0 +1,29 @@
+"""SQLM on linear equations with the shipped tiny algebra model, on a laptop CPU in under 10 minutes.
+
+The algebra task as the paper runs it (the proposer writes problems and a "Selected Question:" line,
+majority-vote rewards, GRPO with a KL term, proposer updated every few steps, questions online), with
+the sizes and the three engineering choices of `configs/tiny.py`, on the model of
+`configs/tiny_algebra_pretrain.py`. Ablations: `--config.rollout.question_source=pregenerated`,
+`--config.reward.kind=format`. Results: docs/results.md.
+"""
+import runpy
+from pathlib import Path
+
+TINY = runpy.run_path(str(Path(__file__).with_name("tiny.py")))
+PRETRAIN = runpy.run_path(str(Path(__file__).with_name("tiny_algebra_pretrain.py")))
+
+
+def get_config():
+    c = TINY["get_config"]()
+    c.task = "algebra"
+    c.workdir = "runs/tiny_algebra"
+    c.model.path = str(Path(TINY["TINY_MODEL"]).with_name("tiny_algebra"))
+    # The pretraining's prompts and held-out family (its sizes), 1000 problems of it.
+    c.task_options = dict(PRETRAIN["TASK"])
+    c.rollout.proposer_max_new_tokens = 112
+    c.rollout.solver_max_new_tokens = 112
+    c.rollout.max_prompt_len = 96
+    c.eval.max_new_tokens = 112
+    c.eval.second_set = ""
+    c.eval.second_set_options = {}
+    return c
