@@ -1,0 +1,142 @@
+"""A compositional generator of list-of-integers programming problems, with their truth.
+
+The tiny coding demo's problem family (issue 18): the reference's coding prompt asks for problems
+whose input is one line of space-separated integers and whose output is an integer or a list of
+integers. A problem here is a pipeline over the input list, two or three stages deep:
+
+    [filter] -> [map] -> [reorder] -> reduce or print
+
+each stage optional but the last, at least one before it, in that order (two to four stages); e.g. "Keep the even numbers,
+double each number, then print their sum." The problem text, a reference program and the truth are
+written from the same stages, so the truth is exact; test cases are the reference function on seeded
+random inputs. Filters and maps take a constant from a range, so the family holds ~6 x 10^4 problem texts and
+a proposer rarely writes a held-out one by chance.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from typing import Callable
+
+Numbers = list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of a pipeline: how the problem says it, the program's line, and the function."""
+
+    text: str  # "keep the even numbers"
+    code: str  # "a = [x for x in a if x % 2 == 0]"
+    apply: Callable[[Numbers], Numbers | int]
+
+
+def _filters(k: int) -> list[Stage]:
+    return [
+        Stage("keep the even numbers", "a = [x for x in a if x % 2 == 0]", lambda a: [x for x in a if x % 2 == 0]),
+        Stage("keep the odd numbers", "a = [x for x in a if x % 2 == 1]", lambda a: [x for x in a if x % 2 == 1]),
+        Stage("keep the positive numbers", "a = [x for x in a if x > 0]", lambda a: [x for x in a if x > 0]),
+        Stage("keep the negative numbers", "a = [x for x in a if x < 0]", lambda a: [x for x in a if x < 0]),
+        Stage(f"keep the numbers greater than {k}", f"a = [x for x in a if x > {k}]",
+              lambda a: [x for x in a if x > k]),
+        Stage(f"keep the numbers less than {k}", f"a = [x for x in a if x < {k}]", lambda a: [x for x in a if x < k]),
+    ]
+
+
+def _maps(k: int) -> list[Stage]:
+    """``k`` is nonzero and not +-1 (adding 0 or multiplying by 1 would be no stage at all)."""
+    return [
+        Stage("double each number", "a = [2 * x for x in a]", lambda a: [2 * x for x in a]),
+        Stage("square each number", "a = [x * x for x in a]", lambda a: [x * x for x in a]),
+        Stage("replace each number by its absolute value", "a = [abs(x) for x in a]", lambda a: [abs(x) for x in a]),
+        Stage("negate each number", "a = [-x for x in a]", lambda a: [-x for x in a]),
+        Stage(f"add {k} to each number", f"a = [x + {k} for x in a]", lambda a: [x + k for x in a]),
+        Stage(f"multiply each number by {k}", f"a = [x * {k} for x in a]", lambda a: [x * k for x in a]),
+    ]
+
+
+REORDERS = [
+    Stage("sort them in increasing order", "a = sorted(a)", sorted),
+    Stage("sort them in decreasing order", "a = sorted(a, reverse=True)", lambda a: sorted(a, reverse=True)),
+    Stage("reverse their order", "a = a[::-1]", lambda a: a[::-1]),
+    Stage("replace them by their prefix sums", "a = list(itertools.accumulate(a))",
+          lambda a: list(itertools.accumulate(a))),
+]
+
+FINALS = [
+    Stage("print their sum", "print(sum(a))", sum),
+    Stage("print how many there are", "print(len(a))", len),
+    Stage("print the largest (0 if there are none)", "print(max(a, default=0))", lambda a: max(a, default=0)),
+    Stage("print the smallest (0 if there are none)", "print(min(a, default=0))", lambda a: min(a, default=0)),
+    Stage("print the first (0 if there are none)", "print(a[0] if a else 0)", lambda a: a[0] if a else 0),
+    Stage("print the last (0 if there are none)", "print(a[-1] if a else 0)", lambda a: a[-1] if a else 0),
+    Stage("print the largest minus the smallest (0 if there are none)", "print(max(a) - min(a) if a else 0)",
+          lambda a: max(a) - min(a) if a else 0),
+    Stage("print them separated by spaces", "print(*a)", lambda a: a),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ListProblem:
+    """A pipeline of stages; ``text`` the problem statement, ``program`` a reference solution."""
+
+    stages: tuple[Stage, ...]
+
+    @property
+    def text(self) -> str:
+        steps = [s.text for s in self.stages]
+        body = ", ".join(steps[:-1]) + ", then " + steps[-1]
+        return ("You are given a line of space-separated integers. " + body[0].upper() + body[1:] + ".")
+
+    @property
+    def program(self) -> str:
+        imports = ["import itertools"] if any("itertools" in s.code for s in self.stages) else []
+        return "\n".join(imports + ["a = list(map(int, input().split()))"] + [s.code for s in self.stages])
+
+    def output(self, numbers: Numbers) -> str:
+        """What the reference program prints for ``numbers``, newline included."""
+        value = numbers
+        for stage in self.stages:
+            value = stage.apply(value)
+        return (" ".join(map(str, value)) if isinstance(value, list) else str(value)) + "\n"
+
+
+def stage_choices(k_range: tuple[int, int] = (-9, 9)) -> tuple[list[Stage], list[Stage]]:
+    """Every filter and every map (each constant of ``k_range`` a stage of its own; maps without -1, 0
+    and 1), so that a uniform choice is uniform over the texts."""
+    ks = range(k_range[0], k_range[1] + 1)
+    filters = _filters(0)[:4] + [s for k in ks for s in _filters(k)[4:]]
+    maps = _maps(2)[:4] + [s for k in ks if abs(k) > 1 for s in _maps(k)[4:]]
+    return filters, maps
+
+
+FILTERS, MAPS = stage_choices()
+
+
+def random_problem(rng: random.Random) -> ListProblem:
+    """Uniform over the pipelines' texts: a filter, a map and a reorder, each of them or none (not
+    all three none), then a final stage."""
+    while True:
+        stages = [rng.choice([None, *options]) for options in (FILTERS, MAPS, REORDERS)]
+        if any(stages):
+            return ListProblem((*filter(None, stages), rng.choice(FINALS)))
+
+
+def random_input(rng: random.Random, length: tuple[int, int] = (1, 8), value: int = 20) -> Numbers:
+    return [rng.randint(-value, value) for _ in range(rng.randint(*length))]
+
+
+def tests_for(problem: ListProblem, rng: random.Random, n: int = 5) -> tuple[tuple[str, str], ...]:
+    """``n`` (stdin, expected stdout) pairs on seeded random inputs, as the sandbox scores them."""
+    inputs = [random_input(rng) for _ in range(n)]
+    return tuple((" ".join(map(str, x)), problem.output(x)) for x in inputs)
+
+
+def problems(n: int, seed: int, num_tests: int = 5) -> list[tuple[ListProblem, tuple[tuple[str, str], ...]]]:
+    """``n`` seeded (problem, ground-truth tests) pairs; problems may repeat, texts are exact."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        problem = random_problem(rng)
+        out.append((problem, tests_for(problem, rng, num_tests)))
+    return out

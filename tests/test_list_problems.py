@@ -1,0 +1,39 @@
+"""The tiny coding demo's problem generator: its reference programs, run in the sandbox, print what
+its truth says; the family is large; texts say what programs do."""
+import random
+
+import pytest
+
+from sqlm_jax import sandbox
+from sqlm_jax.tasks import list_problems as lp
+
+
+
+def test_reference_programs_pass_every_ground_truth_test_in_the_sandbox():
+    pairs = lp.problems(60, seed=0)
+    results = sandbox.run_many([(p.program, tests) for p, tests in pairs], timeout_s=5.0)
+    assert all(r.fraction == 1.0 for r in results), [(p.text, r) for (p, _), r in zip(pairs, results) if r.fraction < 1]
+    # and a program of another problem fails most of them: the tests tell problems apart
+    shifted = sandbox.run_many([(pairs[i - 1][0].program, pairs[i][1]) for i in range(len(pairs))], timeout_s=5.0)
+    assert sum(r.fraction < 1 for r in shifted) > 0.8 * len(pairs)
+
+
+def test_outputs_by_hand():
+    even, double, prefix = lp._filters(0)[0], lp._maps(2)[0], lp.REORDERS[3]
+    total, listed = lp.FINALS[0], lp.FINALS[-1]
+    problem = lp.ListProblem((even, double, total))
+    assert problem.text == ("You are given a line of space-separated integers. Keep the even numbers, "
+                            "double each number, then print their sum.")
+    assert problem.output([3, 4, -2, 7]) == "4\n"
+    assert lp.ListProblem((prefix, listed)).output([1, -2, 5]) == "1 -1 4\n"
+    assert lp.ListProblem((even, listed)).output([1, 3]) == "\n"  # nothing kept: an empty line
+    assert lp.ListProblem((lp._filters(3)[4], lp.FINALS[2])).output([1, 2]) == "0\n"  # none > 3
+
+
+def test_the_family_is_large_and_seeded():
+    rng = random.Random(0)
+    texts = {lp.random_problem(rng).text for _ in range(20000)}
+    assert len(texts) > 15000  # 20,000 uniform draws from ~6 x 10^4 texts: few repeats
+    assert [p.text for p, _ in lp.problems(20, seed=3)] == [p.text for p, _ in lp.problems(20, seed=3)]
+    depths = {len(p.stages) for p, _ in lp.problems(500, seed=1)}
+    assert depths == {2, 3, 4}
