@@ -37,3 +37,20 @@ def test_the_family_is_large_and_seeded():
     assert [p.text for p, _ in lp.problems(20, seed=3)] == [p.text for p, _ in lp.problems(20, seed=3)]
     depths = {len(p.stages) for p, _ in lp.problems(500, seed=1)}
     assert depths == {2, 3, 4}
+
+
+def test_statements_parse_back_to_their_problem_and_nothing_else_does():
+    for problem, _ in lp.problems(2000, seed=5):
+        assert lp.parse_problem(problem.text) == problem
+    even, double, total = lp.FILTERS[0], lp.MAPS[0], lp.FINALS[0]
+    good = lp.ListProblem((even, double, total)).text
+    for text in (good.replace("Keep the even numbers, double each number", "Double each number, keep the even numbers"),
+                 good.replace("double", "triple"), good[:-1], good.replace(", then", ","),
+                 "You are given a line of space-separated integers. Print their sum.", ""):
+        assert lp.parse_problem(text) is None, text
+
+
+def test_wrong_tests_are_counted_against_the_truth():
+    problem = lp.ListProblem((lp.FILTERS[0], lp.FINALS[0]))  # the sum of the even numbers
+    assert lp.wrong_tests(problem, (("1 2 4", "6"), ("3", "0"), ("2 2", "5"), ("-4 1", "-4"))) == 1
+    assert lp.wrong_tests(problem, (("1 x", "0"),)) is None

@@ -587,3 +587,14 @@ def test_training_problems_come_from_the_generator_or_a_file_never_the_heldout_s
     assert all(eval(q.text) == int(t) for q, t in family.training_problems(4, 1))
     with pytest.raises(ValueError, match="rollout.dataset_path"):
         get_task("coding").training_problems(2, 0)
+
+
+def test_coding_problems_from_the_list_generator():
+    from sqlm_jax.tasks import get_task, list_problems
+    task = get_task("coding", generator="lists")
+    heldout = task.heldout_problems(4, seed=2)
+    assert [(q.text, t) for q, t in heldout] == [(p.text, t) for p, t in list_problems.problems(4, seed=2)]
+    assert all(q.tests == () and len(t) == 5 for q, t in heldout)  # the truth stays out of the question
+    assert len(task.training_problems(3, seed=9)) == 3
+    with pytest.raises(ValueError, match="generator='nope'"):
+        get_task("coding", generator="nope")

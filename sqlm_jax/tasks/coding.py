@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import ClassVar
 
+from sqlm_jax.tasks import list_problems
 from sqlm_jax.tasks.base import Question, load_records, sample
 from sqlm_jax.tasks.features import SOLVER_REWARD, FeaturePanel, numbers, word_count
 
@@ -123,6 +124,8 @@ class CodingTask:
     ``solver_instruction`` is appended to the problem after a blank line. ``data_path`` is a local
     Eurus-2 RL file (.jsonl/.json/.parquet); rows whose ``data_source`` does not contain
     ``data_source`` (default "codeforces", the paper's benchmark; None keeps all) are left out.
+    ``generator="lists"`` takes held-out and training problems from ``list_problems`` instead (the
+    tiny coding demo's family), with the generator's ground-truth tests.
     """
 
     name: ClassVar[str] = "coding"
@@ -140,6 +143,11 @@ class CodingTask:
     normalize_answers: bool = False  # accepted for a uniform config; programs are not normalised
     data_path: str | None = None
     data_source: str | None = "codeforces"
+    generator: str | None = None
+
+    def __post_init__(self):
+        if self.generator not in (None, "lists"):
+            raise ValueError(f"generator={self.generator!r}; choose None (Codeforces data) or 'lists'")
 
     def parse_question(self, text: str) -> Question | None:
         parsed = parse_proposal(text)
@@ -160,6 +168,8 @@ class CodingTask:
 
     def heldout_problems(self, n: int, seed: int) -> list[tuple[Question, tuple[tuple[str, str], ...]]]:
         """(question, ground-truth tests) pairs; the tests stay out of the Question the solver sees."""
+        if self.generator == "lists":
+            return [(Question(p.text), tests) for p, tests in list_problems.problems(n, seed)]
         if self.data_path is None:
             records = load_records(str(resources.files("sqlm_jax.tasks") / "data" / SAMPLE_FILE))
         else:
@@ -170,8 +180,10 @@ class CodingTask:
 
     def training_problems(self, n: int, seed: int, path: str | None = None
                           ) -> list[tuple[Question, tuple[tuple[str, str], ...]]]:
-        """Labelled training problems from a Eurus-2 RL file at ``path`` (every data source kept); there
-        is no generator of coding problems."""
+        """Labelled training problems from a Eurus-2 RL file at ``path`` (every data source kept), else
+        the list generator's (``generator="lists"``)."""
+        if path is None and self.generator == "lists":
+            return [(Question(p.text), tests) for p, tests in list_problems.problems(n, seed)]
         if path is None:
             raise ValueError("the coding task has no problem generator: set rollout.dataset_path to a "
                              "Eurus-2 RL file of training problems")

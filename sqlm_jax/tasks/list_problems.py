@@ -20,6 +20,7 @@ import random
 from typing import Callable
 
 Numbers = list[int]
+PREFIX = "You are given a line of space-separated integers. "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ class ListProblem:
     def text(self) -> str:
         steps = [s.text for s in self.stages]
         body = ", ".join(steps[:-1]) + ", then " + steps[-1]
-        return ("You are given a line of space-separated integers. " + body[0].upper() + body[1:] + ".")
+        return PREFIX + body[0].upper() + body[1:] + "."
 
     @property
     def program(self) -> str:
@@ -140,3 +141,41 @@ def problems(n: int, seed: int, num_tests: int = 5) -> list[tuple[ListProblem, t
         problem = random_problem(rng)
         out.append((problem, tests_for(problem, rng, num_tests)))
     return out
+
+
+_BY_TEXT = {stage.text: stage for stage in (*FILTERS, *MAPS, *REORDERS, *FINALS)}
+
+
+def parse_problem(text: str) -> ListProblem | None:
+    """The generator's problem whose statement is ``text`` exactly, or None (a model's own wording, a
+    stage the generator lacks, stages out of order)."""
+    text = text.strip()
+    if not (text.startswith(PREFIX) and text.endswith(".")):
+        return None
+    body = text[len(PREFIX):-1]
+    head, sep, last = body.rpartition(", then ")
+    if not sep or not head:
+        return None
+    steps = [*head.split(", "), last]
+    steps[0] = steps[0][:1].lower() + steps[0][1:]
+    stages = [_BY_TEXT.get(step) for step in steps]
+    if None in stages or stages[-1] not in FINALS:
+        return None
+    order = [next(i for i, group in enumerate((FILTERS, MAPS, REORDERS)) if s in group) for s in stages[:-1]]
+    if order != sorted(set(order)):
+        return None
+    problem = ListProblem(tuple(stages))
+    return problem if problem.text == text else None
+
+
+def wrong_tests(problem: ListProblem, tests: tuple[tuple[str, str], ...]) -> int | None:
+    """How many of ``tests`` (stdin, stdout) disagree with the truth of ``problem``; None if an input is
+    not a line of integers. (The generator's own functions compute the truth: no program runs.)"""
+    wrong = 0
+    for given, expected in tests:
+        try:
+            numbers = [int(x) for x in given.split()]
+        except ValueError:
+            return None
+        wrong += problem.output(numbers).strip() != expected.strip()
+    return wrong
