@@ -25,7 +25,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from sqlm_jax import configs, rewards, sampling, tiny_algebra_corpus, tiny_corpus
+from sqlm_jax import configs, rewards, sampling, tiny_algebra_corpus, tiny_coding_corpus, tiny_corpus
 from sqlm_jax.evaluate import evaluate
 from sqlm_jax.models.config import ModelConfig
 from sqlm_jax.models.hf import load_pretrained, save_pretrained
@@ -172,26 +172,33 @@ def evaluate_solver(model, tok: Tokenizer, task, problems, *, n: int, max_new_to
 
     Also how often the n answers disagree (groups where majority-vote RL has a reward spread), and
     how often answers are worked (open with a <think> scratchpad) and how accurate each kind is.
+    Coding: scores are pass rates, "greedy_scores" marks programs that pass every test, and the best
+    of the n samples replaces the majority.
     """
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, full=True)
     greedy = evaluate(model, tok, task, problems, **kw)
     sampled = evaluate(model, tok, task, problems, greedy=False, n=n, **kw)
-    answers = [[task.parse_answer(r) for r in responses] for responses in sampled.responses]
-    agreement = np.asarray(rewards.majority_info(jnp.asarray(rewards.answer_ids(answers)))[1]) / n
-    return {
+    stats = {
         "num_problems": len(problems), "n": n,
         "greedy_accuracy": greedy.accuracy,
         "sampled_accuracy": sampled.sampled_accuracy,
-        "majority_accuracy": sampled.majority_accuracy,
-        "gap_majority_minus_greedy": sampled.majority_accuracy - greedy.accuracy,
         "greedy_parse_rate": float(np.mean([task.parse_answer(r[0]) is not None
                                             for r in greedy.responses])),
-        "mean_majority_agreement": float(np.mean(agreement)),
-        "disagreement_fraction": float(np.mean(np.asarray(agreement) < 1)),
         **worked_answer_stats("greedy", greedy), **worked_answer_stats("sampled", sampled),
         "greedy_examples": [r[0] for r in greedy.responses[:5]],
         # Per problem, "1" where the greedy answer is right: a test can recheck any subset exactly.
-        "greedy_scores": "".join("1" if s else "0" for s in np.asarray(greedy.scores).reshape(-1)),
+        "greedy_scores": "".join("1" if s == 1 else "0" for s in np.asarray(greedy.scores).reshape(-1)),
+    }
+    if task.reward != "majority":  # coding: scores are pass rates; the best of n is pass@n
+        return {**stats, "best_of_n_accuracy": float(sampled.scores.max(axis=1).mean())}
+    answers = [[task.parse_answer(r) for r in responses] for responses in sampled.responses]
+    agreement = np.asarray(rewards.majority_info(jnp.asarray(rewards.answer_ids(answers)))[1]) / n
+    return {
+        **stats,
+        "majority_accuracy": sampled.majority_accuracy,
+        "gap_majority_minus_greedy": sampled.majority_accuracy - greedy.accuracy,
+        "mean_majority_agreement": float(np.mean(agreement)),
+        "disagreement_fraction": float(np.mean(np.asarray(agreement) < 1)),
     }
 
 
@@ -237,6 +244,11 @@ def corpus_and_proposal_stats(config, task, excluded: set[str]):
     proposals of the trained model: ``stats(texts, heldout_questions) -> dict``."""
     n = config.train.steps * config.train.batch_size
     solver_prompt = lambda q: task.solver_prompt(Question(q))
+    if config.task_name == "coding":
+        chats = tiny_coding_corpus.chat_examples(
+            n, config.seed, proposer_fraction=config.corpus.proposer_fraction, proposer_prompt=task.proposer_prompt,
+            solver_prompt=solver_prompt, exclude=excluded)
+        return chats, tiny_coding_corpus.proposal_stats
     if config.task_name == "algebra":
         chats = tiny_algebra_corpus.chat_examples(
             n, config.seed, family=task.family, proposer_fraction=config.corpus.proposer_fraction,

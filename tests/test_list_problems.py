@@ -54,3 +54,35 @@ def test_wrong_tests_are_counted_against_the_truth():
     problem = lp.ListProblem((lp.FILTERS[0], lp.FINALS[0]))  # the sum of the even numbers
     assert lp.wrong_tests(problem, (("1 2 4", "6"), ("3", "0"), ("2 2", "5"), ("-4 1", "-4"))) == 1
     assert lp.wrong_tests(problem, (("1 x", "0"),)) is None
+
+
+def test_the_coding_corpus_is_correct_and_leaves_heldout_problems_out():
+    from sqlm_jax import tiny_coding_corpus as corpus
+    from sqlm_jax.tasks.coding import extract_program, parse_proposal
+    heldout = {p.text for p, _ in lp.problems(3000, seed=1234)}
+    chats = corpus.chat_examples(3000, seed=0, exclude=heldout)
+    proposals = [a for u, a in chats if u == corpus.PROPOSER_PROMPT]
+    assert 450 < len(proposals) < 750
+    for user, reply in chats:
+        if user == corpus.PROPOSER_PROMPT:
+            statement, tests = parse_proposal(reply)
+            assert len(tests) == 5 and lp.wrong_tests(lp.parse_problem(statement), tests) == 0
+        else:
+            statement = user.removesuffix("\n\n" + corpus.SOLVER_INSTRUCTION)
+            assert extract_program(reply) == lp.parse_problem(statement).program
+        assert statement not in heldout
+    # Without exclude, the same draws meet held-out problems: the exclusion is what keeps them out.
+    plain = corpus.chat_examples(3000, seed=0)
+    assert any(u.removesuffix("\n\n" + corpus.SOLVER_INSTRUCTION) in heldout for u, _ in plain)
+
+
+def test_proposal_stats_count_the_proposers_wrong_tests():
+    from sqlm_jax import tiny_coding_corpus as corpus
+    problem = lp.ListProblem((lp.FILTERS[0], lp.FINALS[0]))  # the sum of the even numbers
+    right = corpus.proposal_text(problem, (("1 2 4", "6"), ("3", "0")))
+    wrong = corpus.proposal_text(problem, (("1 2 4", "7"), ("3", "0")))
+    stats = corpus.proposal_stats([right, wrong, "no tests here", f"Sum them.\nTest Cases:\n1 ||| 1"],
+                                  heldout_questions={problem.text})
+    assert stats["with_tests_fraction"] == 0.75 and stats["valid_fraction"] == 0.5
+    assert stats["wrong_test_fraction"] == 0.25 and stats["proposals_with_a_wrong_test"] == 0.5
+    assert stats["heldout_overlap"] == 0.5

@@ -1,0 +1,71 @@
+"""The synthetic chat corpus for a tiny coding model: list-of-integers problems (`tasks.list_problems`).
+
+Two roles, as SQLM needs:
+
+* proposer: the topic prompt -> a problem, "Test Cases:" and five ``INPUT ||| OUTPUT`` lines, the
+  format of the reference's coding prompt; every test is the generator's truth;
+* solver: the problem and the solver instruction -> a ```python program, the generator's reference.
+
+Held-out problems can be excluded. Pure functions of a seed. A model trained on it will still write
+wrong tests at times: `proposal_stats` counts them against the generator's truth.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterable
+
+from sqlm_jax.tasks import list_problems
+from sqlm_jax.tasks.coding import TESTS_MARKER, parse_proposal
+
+PROPOSER_PROMPT = "Write a list problem with 5 tests."
+SOLVER_INSTRUCTION = "Write Python code."
+
+
+def proposal_text(problem: list_problems.ListProblem, tests) -> str:
+    lines = [f"{given} ||| {expected.strip()}" for given, expected in tests]
+    return "\n".join([problem.text, TESTS_MARKER, *lines])
+
+
+def solver_response(problem: list_problems.ListProblem) -> str:
+    return f"```python\n{problem.program}\n```"
+
+
+def chat_examples(n: int, seed: int, *, proposer_fraction: float = 0.2, proposer_prompt: str = PROPOSER_PROMPT,
+                  solver_prompt: Callable[[str], str] = lambda q: f"{q}\n\n{SOLVER_INSTRUCTION}",
+                  exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """``n`` (user, assistant) chats, a ``proposer_fraction`` of them proposer turns; problems whose
+    statement is in ``exclude`` never appear."""
+    excluded = set(exclude)
+    rng = random.Random(seed)
+    chats = []
+    while len(chats) < n:
+        problem = list_problems.random_problem(rng)
+        if problem.text in excluded:
+            continue
+        if rng.random() < proposer_fraction:
+            chats.append((proposer_prompt, proposal_text(problem, list_problems.tests_for(problem, rng))))
+        else:
+            chats.append((solver_prompt(problem.text), solver_response(problem)))
+    return chats
+
+
+def proposal_stats(texts: list[str], heldout_questions: set[str]) -> dict:
+    """What proposals hold: a problem with tests, a statement of the generator's family, held-out
+    problems, repeats, and how often the proposer's own tests are wrong (against the generator's
+    truth: the solver's reward then scores a correct program down)."""
+    parsed = [p for p in map(parse_proposal, texts) if p is not None]
+    known = [(list_problems.parse_problem(problem), tests) for problem, tests in parsed]
+    known = [(p, tests) for p, tests in known if p is not None]
+    wrong = [list_problems.wrong_tests(p, tests) for p, tests in known]
+    checked = [(w, len(tests)) for w, (_, tests) in zip(wrong, known) if w is not None]
+    num = max(len(texts), 1)
+    return {
+        "num_proposals": len(texts),
+        "with_tests_fraction": len(parsed) / num,
+        "valid_fraction": len(known) / num,
+        "heldout_overlap": sum(problem in heldout_questions for problem, _ in parsed) / num,
+        "distinct_fraction": len({problem for problem, _ in parsed}) / num,
+        "wrong_test_fraction": sum(w for w, _ in checked) / max(sum(t for _, t in checked), 1),
+        "proposals_with_a_wrong_test": sum(w > 0 for w, _ in checked) / max(len(checked), 1),
+        "examples": [problem for problem, _ in parsed[:10]],
+    }
