@@ -7,8 +7,8 @@ roles SQLM needs:
   (``Solve 2*x + 3 = 7 for x.\\nSelected Question: Solve 5*y - 1 = 2*y + 8 for y.``);
 * solver: the solver instruction and a problem -> the answer, straight away (``<answer>3</answer>``)
   or after a short worked solution:
-  one variable ``a*v + b = c*v + d``: collect the terms, then divide,
-  ``<think>3*y=8+1=9 y=9/3=3</think><answer>3</answer>``;
+  one variable ``a*v + b = c*v + d``: move the terms, add them, divide,
+  ``<think>5*y-2*y=8+1 3*y=9 y=9/3=3</think><answer>3</answer>``;
   two variables: Cramer's rule, each product written out,
   ``<think>D=2*(-1)-3*1=-2-3=-5 N=13*(-1)-3*(-1)=-13+3=-10 u=-10/(-5)=2</think><answer>2</answer>``.
 
@@ -96,10 +96,11 @@ def solve(question: str) -> Fraction | None:
 
 
 def worked_one_variable(a: int, b: int, c: int, d: int, v: str) -> str:
-    """The scratchpad for ``a*v + b = c*v + d``: ``(a-c)*v = d - b``, then the division."""
-    coefficient, rhs = a - c, d - b
-    collect = f"{coefficient}*{v}={d}{_minus(b)}={rhs}" if b else f"{coefficient}*{v}={rhs}"
-    return f"{collect} {v}={rhs}/{_signed(coefficient)}={rhs // coefficient}"
+    """The scratchpad for ``a*v + b = c*v + d``: move the terms (signs flipped), add them, divide."""
+    moved = f"{a}*{v}" + (f"{'-' if c > 0 else '+'}{abs(c)}*{v}" if c else "") + f"={d}" + (_minus(b) if b else "")
+    collected = f"{a - c}*{v}={d - b}"
+    steps = ([] if moved == collected else [moved]) + [collected]
+    return " ".join(steps + [f"{v}={d - b}/{_signed(a - c)}={(d - b) // (a - c)}"])
 
 
 def worked_two_variable(coefficients: tuple[int, int, int, int], e: int, f: int, asked_first: bool,
@@ -138,7 +139,7 @@ def solver_response(question: str, answer: Fraction, worked: bool) -> str:
 
 
 def chat_examples(n: int, seed: int, *, family: LinearFamily = LinearFamily(),
-                  proposer_fraction: float = 0.1, worked_fraction_one: float = 0.35,
+                  proposer_fraction: float = 0.1, worked_fraction_one: float = 0.4,
                   worked_fraction_two: float = 0.8, proposer_prompt: str = PROPOSER_PROMPT,
                   solver_prompt: Callable[[str], str] = lambda q: f"{SOLVER_INSTRUCTION} {q}",
                   exclude: Iterable[str] = ()) -> list[tuple[str, str]]:

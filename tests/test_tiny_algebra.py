@@ -47,12 +47,12 @@ def test_the_generator_sizes_are_task_options_and_default_to_the_heldout_sets():
     tiny = get_task("algebra", **tiny_algebra_pretrain.TASK).heldout_problems(2000, seed=3)
     numbers = [abs(int(n)) for q, _ in tiny for n in re.findall(r"\d+", q.text)]
     answers = [int(a) for _, a in tiny]
-    assert max(answers) == 9 and min(answers) == -9  # solution_bound
-    # coefficients <= 9, constants <= 20 + (9+9)*9 on the right-hand side of one-variable problems
-    assert max(numbers) <= 20 + 18 * 9
+    assert max(answers) == 6 and min(answers) == -6  # solution_bound
+    # coefficients <= 6, constants <= 12 + (6+6)*6 on the right-hand side of one-variable problems
+    assert max(numbers) <= 12 + 12 * 6
     systems = [q.text for q, _ in tiny if "," in q.text]
-    assert 0.45 < len(systems) / len(tiny) < 0.55
-    assert all(int(c) <= 4 for q in systems for c in re.findall(r"(\d+)\*", q))
+    assert 0.25 < len(systems) / len(tiny) < 0.35
+    assert all(int(c) <= 3 for q in systems for c in re.findall(r"(\d+)\*", q))
 
 
 def _check_step(step: str):
@@ -81,7 +81,7 @@ def test_every_answer_and_every_scratchpad_step_of_the_corpus_is_correct():
             assert steps[-1] == (asked, truth), (question, reply)  # the scratchpad ends on the answer
         worked["," in question].append(answer.group(1) is not None)
     # One-variable problems mostly direct, systems mostly worked: the corpus's mix.
-    assert abs(np.mean(worked[False]) - 0.35) < 0.04 and abs(np.mean(worked[True]) - 0.8) < 0.04
+    assert abs(np.mean(worked[False]) - 0.4) < 0.04 and abs(np.mean(worked[True]) - 0.8) < 0.04
     for reply in proposer:
         draft, selected = reply.split("\n")
         assert corpus.solve(draft) is not None
