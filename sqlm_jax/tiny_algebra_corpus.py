@@ -31,6 +31,7 @@ PROPOSER_PROMPT = "Write two linear equations and select the last one."
 SOLVER_INSTRUCTION = "Answer:"
 
 _TERM = re.compile(r"\s*([+-]?)\s*(\d*)\*?([a-z]?)")
+_QUESTION = re.compile(r"Solve (.+) for ([a-z])\.")
 
 
 def _signed(x: int) -> str:
@@ -65,22 +66,33 @@ def parse_side(text: str) -> tuple[dict[str, int], int] | None:
     return coefficients, constant
 
 
-def solve(question: str) -> Fraction | None:
-    """The unique value of the asked variable in ``Solve <eq>[, <eq>] for <v>.``; None if the text is
-    not such a question or the solution is not unique."""
-    match = re.fullmatch(r"Solve (.+) for ([a-z])\.", question.strip())
+def parse_question(question: str) -> tuple[list[tuple[tuple[dict[str, int], int], ...]], str] | None:
+    """``Solve <eq>[, <eq>] for <v>.`` -> ([(left side, right side) per equation], v), each side as
+    `parse_side` reads it; None if the text is not of that form."""
+    match = _QUESTION.fullmatch(question.strip())
     if not match:
         return None
-    rows = []
+    equations = []
     for equation in match.group(1).split(","):
         sides = equation.split("=")
         if len(sides) != 2 or None in (parsed := [parse_side(s) for s in sides]):
             return None
-        (left, lc), (right, rc) = parsed
+        equations.append(tuple(parsed))
+    return equations, match.group(2)
+
+
+def solve(question: str) -> Fraction | None:
+    """The unique value of the asked variable in ``Solve <eq>[, <eq>] for <v>.``; None if the text is
+    not such a question or the solution is not unique."""
+    parsed = parse_question(question)
+    if parsed is None:
+        return None
+    equations, asked = parsed
+    rows = []
+    for (left, lc), (right, rc) in equations:
         terms = {v: left.get(v, 0) - right.get(v, 0) for v in {*left, *right}}
         rows.append((terms, Fraction(rc - lc)))
     names = sorted({v for terms, _ in rows for v in terms})
-    asked = match.group(2)
     if asked not in names or len(rows) != len(names) or len(rows) > 2:
         return None
     if len(rows) == 1:
@@ -121,9 +133,7 @@ def worked_two_variable(coefficients: tuple[int, int, int, int], e: int, f: int,
 
 def scratchpad(question: str) -> str:
     """The worked solution of a question of the generator's form (``_linear`` sides)."""
-    match = re.fullmatch(r"Solve (.+) for ([a-z])\.", question)
-    equations = [[parse_side(s) for s in eq.split("=")] for eq in match.group(1).split(",")]
-    asked = match.group(2)
+    equations, asked = parse_question(question)
     if len(equations) == 1:
         (left, b), (right, d) = equations[0]
         return worked_one_variable(left.get(asked, 0), b, right.get(asked, 0), d, asked)

@@ -1,4 +1,4 @@
-"""Warm start of the shipped tiny algebra model:
+"""Warm start of the tiny algebra model (not shipped yet: it has not reached its band, docs/results.md):
 `python -m sqlm_jax.pretrain --config=configs/tiny_algebra_pretrain.py`.
 
 Writes `sqlm_jax/assets/tiny_algebra` (HF folder + tokenizer + pretrain_metrics.json), deterministic
@@ -17,7 +17,7 @@ TINY_PRETRAIN = runpy.run_path(str(Path(__file__).with_name("tiny_pretrain.py"))
 # The held-out generator's sizes for the tiny model (AlgebraTask options; configs/tiny_algebra.py
 # passes the same): one variable, |coefficients| <= 6 and |constant| <= 12; systems (a third of the
 # problems), coefficients of size <= 3; integer solutions in [-6, 6]. (With sizes 9 / 20 / 4 / 9 and
-# half systems, 3000 steps of this model stayed at 7-10% greedy: docs/results.md.)
+# half systems, 1,920 steps of this model stayed at 5-10% greedy: docs/results.md.)
 TASK = dict(
     proposer_prompt=tiny_algebra_corpus.PROPOSER_PROMPT,
     solver_instruction=tiny_algebra_corpus.SOLVER_INSTRUCTION,
