@@ -254,7 +254,7 @@ def corpus_and_proposal_stats(config, task, excluded: set[str]):
             n, config.seed, family=task.family, proposer_fraction=config.corpus.proposer_fraction,
             worked_fraction_one=config.corpus.worked_fraction_one,
             worked_fraction_two=config.corpus.worked_fraction_two, proposer_prompt=task.proposer_prompt,
-            solver_prompt=solver_prompt, exclude=excluded)
+            solver_prompt=solver_prompt, exclude=excluded, drill_fraction=config.corpus.drill_fraction)
         return chats, tiny_algebra_corpus.proposal_stats
     family = tiny_corpus.ProblemFamily(tuple(config.corpus.a_range), tuple(config.corpus.b_range),
                                        task.question_template, config.corpus.by_digits)

@@ -142,6 +142,35 @@ def scratchpad(question: str) -> str:
     return worked_two_variable((l1[u], l1[w], l2[u], l2[w]), e, f, asked == u, asked)
 
 
+def arithmetic_steps(question: str) -> list[tuple[str, int]]:
+    """The scratchpad's operations on two numbers, each as ``(expression, value)``: the coefficient
+    sum a - c (``4+3``), the constant d - b, the division (one variable); both products and their
+    difference for D and N, the division (systems). ``expression`` is written as the scratchpad writes
+    its operands."""
+    equations, asked = parse_question(question)
+    if len(equations) == 1:
+        (left, b), (right, d) = equations[0]
+        a, c = left.get(asked, 0), right.get(asked, 0)
+        steps = [(f"{a}{_minus(c)}", a - c)] if c else []
+        steps += [(f"{d}{_minus(b)}", d - b)] if b else []
+        return steps + [(f"{d - b}/{_signed(a - c)}", (d - b) // (a - c))]
+    (l1, e), (l2, f) = [(left, right_constant) for (left, _), (_, right_constant) in equations]
+    u, w = l1
+    a, b, c, d = l1[u], l1[w], l2[u], l2[w]
+    det = a * d - b * c
+    (p, q), (r, s) = ((e, d), (b, f)) if asked == u else ((a, f), (e, c))
+    steps = []
+    for x, y, z, t in ((a, d, b, c), (p, q, r, s)):
+        steps += [(f"{x}*{_signed(y)}", x * y), (f"{_signed(z)}*{_signed(t)}", z * t),
+                  (f"{x * y}{_minus(z * t)}", x * y - z * t)]
+    return steps + [(f"{p * q - r * s}/{_signed(det)}", (p * q - r * s) // det)]
+
+
+def drill_response(expression: str, value: int) -> str:
+    """A drill's reply, its one step written as scratchpads write it."""
+    return f"<think>{expression}={value}</think><answer>{value}</answer>"
+
+
 def solver_response(question: str, answer: Fraction, worked: bool) -> str:
     """The answer ``answer`` (the generator's, an integer), after the scratchpad if ``worked``."""
     think = f"<think>{scratchpad(question)}</think>" if worked else ""
@@ -152,11 +181,15 @@ def chat_examples(n: int, seed: int, *, family: LinearFamily = LinearFamily(),
                   proposer_fraction: float = 0.1, worked_fraction_one: float = 0.4,
                   worked_fraction_two: float = 0.8, proposer_prompt: str = PROPOSER_PROMPT,
                   solver_prompt: Callable[[str], str] = lambda q: f"{SOLVER_INSTRUCTION} {q}",
-                  exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
-    """``n`` (user, assistant) chats: a ``proposer_fraction`` of proposer turns, the rest solver turns.
+                  exclude: Iterable[str] = (), drill_fraction: float = 0.0) -> list[tuple[str, str]]:
+    """``n`` (user, assistant) chats: a ``proposer_fraction`` of proposer turns, a ``drill_fraction``
+    of arithmetic drills, the rest solver turns.
 
     A solver turn is worked with probability ``worked_fraction_one`` (one variable) or
-    ``worked_fraction_two`` (a system), else direct. Questions in ``exclude`` never appear.
+    ``worked_fraction_two`` (a system), else direct. A drill is one operation of a generated problem's
+    scratchpad (`arithmetic_steps`), asked as ``Compute <expression>.``: the signed sums and products
+    the scratchpads need, many times more often than whole problems can show them, as the easy text of
+    a pretraining mix. Questions in ``exclude`` never appear (a drill shows no question).
     """
     excluded = set(exclude)
     rng = random.Random(seed)
@@ -165,7 +198,10 @@ def chat_examples(n: int, seed: int, *, family: LinearFamily = LinearFamily(),
         question, answer = family.problem(rng)
         if question in excluded:
             continue
-        if rng.random() < proposer_fraction:
+        if drill_fraction and rng.random() < drill_fraction:
+            expression, value = rng.choice(arithmetic_steps(question))
+            chats.append((solver_prompt(f"Compute {expression}."), drill_response(expression, value)))
+        elif rng.random() < proposer_fraction:
             draft = family.problem(rng)[0]
             while draft in excluded:
                 draft = family.problem(rng)[0]

@@ -81,6 +81,25 @@ def test_every_answer_and_every_scratchpad_step_of_the_corpus_is_correct():
         assert corpus.solve(parse_selected_question(reply)) is not None
 
 
+def test_drills_are_the_scratchpads_operations_with_their_values():
+    chats = corpus.chat_examples(4000, seed=0, family=TINY, drill_fraction=0.5)
+    drills = [(u, a) for u, a in chats if " Compute " in u]
+    assert 1800 < len(drills) < 2200
+    for user, reply in drills:
+        expression = re.fullmatch(rf"{corpus.SOLVER_INSTRUCTION} Compute (.+)\.", user).group(1)
+        assert re.fullmatch(r"[-+*/() 0-9]+", expression), user
+        value = eval(expression, {"__builtins__": {}})
+        assert value == int(value) and reply == f"<think>{expression}={int(value)}</think><answer>{int(value)}</answer>"
+    # Each problem's operations are its scratchpad's, written as it writes them (a one-variable
+    # problem's coefficient sum 4+3 as "4*t+3*t"); the last one gives the answer.
+    for question, answer in linear_equation_problems(500, seed=3, family=TINY):
+        steps, pad = corpus.arithmetic_steps(question), corpus.scratchpad(question)
+        assert steps[-1][1] == answer and all(eval(e, {"__builtins__": {}}) == v for e, v in steps)
+        variable = question[-2]
+        assert all(e in pad or re.sub(r"(\d+)", rf"\1*{variable}", e) in pad for e, _ in steps), (pad, steps)
+    assert corpus.chat_examples(500, seed=0, family=TINY, drill_fraction=0.0) == corpus.chat_examples(500, seed=0, family=TINY)
+
+
 def test_heldout_problems_never_appear_in_the_corpus():
     task = get_task("algebra", **tiny_algebra_pretrain.TASK)
     heldout = {q.text for q, _ in task.heldout_problems(5000, seed=1234)}

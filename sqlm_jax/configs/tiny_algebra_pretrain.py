@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
         worked_fraction_one=0.4,
         worked_fraction_two=0.8,
         proposer_fraction=0.1,
+        # Chats that drill one scratchpad operation (``Compute -27+3.``); 0 in the recipes so far.
+        drill_fraction=0.0,
         exclude_heldout=5000,
     ))
     c.model.num_layers = 6
