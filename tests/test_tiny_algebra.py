@@ -1,18 +1,27 @@
-"""The tiny algebra demo's corpus: every answer and every scratchpad step correct, held-out problems
-left out, the generator's sizes as task options. (The shipped model and configs/tiny_algebra.py get
-their tests with the model: not trained yet, docs/results.md.)"""
+"""The tiny algebra demo: its corpus (every answer and every scratchpad step correct, held-out problems
+left out), the generator's sizes as task options, the shipped model it warm-starts and
+configs/tiny_algebra.py on it."""
+import json
 import re
+import runpy
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sqlm_jax import tiny_algebra_corpus as corpus
 from sqlm_jax.configs import tiny_algebra_pretrain
+from sqlm_jax.evaluate import evaluate
+from sqlm_jax.models import load_pretrained
 from sqlm_jax.tasks import get_task
 from sqlm_jax.tasks.algebra import LinearFamily, linear_equation_problems, parse_selected_question
+from sqlm_jax.tokenizer import load_tokenizer
+from sqlm_jax.train import Trainer
 
 TINY = LinearFamily(**{k: v for k, v in tiny_algebra_pretrain.TASK.items() if k in LinearFamily.__annotations__})
+ASSET = Path(corpus.__file__).parent / "assets" / "tiny_algebra"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("family", [LinearFamily(), TINY], ids=["omega_sizes", "tiny_sizes"])
@@ -119,3 +128,52 @@ def test_proposal_stats_count_selected_valid_and_heldout_questions():
     assert stats["selected_fraction"] == 0.75 and stats["valid_fraction"] == 0.5
     assert stats["heldout_overlap"] == 0.5 and stats["distinct_fraction"] == 0.5
 
+
+def test_shipped_asset_is_small_imperfect_and_what_its_record_says():
+    """The warm start self-play begins from: under 10 MB, greedy accuracy in the band majority-vote
+    self-play needs, majority-of-n above greedy; its greedy scores recomputed on 100 held-out problems."""
+    assert sum(p.stat().st_size for p in ASSET.iterdir()) <= 10 * 2**20
+    model, cfg = load_pretrained(ASSET)
+    tok = load_tokenizer(ASSET)
+    config = tiny_algebra_pretrain.get_config()
+    task = get_task("algebra", **config.task)
+    recorded = json.loads((ASSET / "pretrain_metrics.json").read_text())["solver"]
+    assert recorded["num_problems"] == 1000 and len(recorded["greedy_scores"]) == 1000
+    assert np.mean([s == "1" for s in recorded["greedy_scores"]]) == pytest.approx(recorded["greedy_accuracy"])
+    assert 0.2 <= recorded["greedy_accuracy"] <= 0.7
+    assert round(recorded["majority_accuracy"] - recorded["greedy_accuracy"], 3) >= 0.05
+    problems = task.heldout_problems(100, config.eval.seed)  # the recorded set's first 100
+    greedy = evaluate(model, tok, task, problems, max_new_tokens=config.eval.max_new_tokens, batch_size=100,
+                      full=True)
+    flips = sum(int(s) != r for s, r in zip(recorded["greedy_scores"], greedy.scores[:, 0]))
+    assert flips <= 2, flips  # greedy decoding is deterministic up to float rounding across machines
+
+
+def test_tiny_algebra_config_runs_self_play(tmp_path):
+    """configs/tiny_algebra.py for 2 steps on the shipped model: the proposer's "Selected Question"
+    proposals parse, majority-vote rewards are neither all 0 nor all 1, checkpoint, plots, export."""
+    config = runpy.run_path(str(ROOT / "configs" / "tiny_algebra.py"))["get_config"]()
+    config.workdir = str(tmp_path / "run")
+    config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # the test session's 8 CPU devices
+    config.train.steps = 2
+    config.eval.every = 2
+    config.eval.num_problems = config.eval.batch_size = 32
+    config.eval.sampled_problems = 16
+    config.checkpoint.every = 2
+    summary = Trainer(config).run()
+
+    workdir = tmp_path / "run"
+    assert summary["task"] == "algebra" and summary["steps"] == 2 and 0 < summary["base_accuracy"] < 1
+    task = get_task("algebra", **config.task_options)
+    lines = [json.loads(line) for line in (workdir / "questions.jsonl").read_text().splitlines()]
+    proposals = [p for line in lines for p in line["proposals"]]
+    assert np.mean([task.parse_question(p) is not None for p in proposals]) > 0.5
+    assert np.mean([corpus.solve(parse_selected_question(p) or "") is not None for p in proposals]) > 0.5
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    solver = [m["reward/solver"] for m in metrics if "reward/solver" in m]
+    assert len(solver) == 2 and 0 < np.mean(solver) < 1
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert sorted(p.name for p in (workdir / "plots").iterdir()) == \
+        ["curriculum.png", "questions_pca.png", "rewards.png"]
+    exported, cfg = load_pretrained(workdir / "export")
+    assert cfg.architecture == "Qwen2ForCausalLM"

@@ -1,8 +1,5 @@
-"""SQLM on linear equations with a tiny algebra model, on a laptop CPU.
-
-Its model, `sqlm_jax/assets/tiny_algebra`, is not shipped yet: `configs/tiny_algebra_pretrain.py`
-has not reached the held-out band self-play needs (docs/results.md), and until it is made this
-config stops with one line naming the missing folder.
+"""SQLM on linear equations with the shipped tiny algebra model (`sqlm_jax/assets/tiny_algebra`, made by
+`configs/tiny_algebra_pretrain.py`), on a laptop CPU.
 
 The algebra task as the paper runs it (the proposer writes problems and a "Selected Question:" line,
 majority-vote rewards, GRPO with a KL term, proposer updated every few steps, questions online), with

@@ -1,9 +1,10 @@
-"""Warm start of the tiny algebra model (not shipped yet: it has not reached its band, docs/results.md):
-`python -m sqlm_jax.pretrain --config=configs/tiny_algebra_pretrain.py`.
+"""Warm start of the shipped tiny algebra model: `python -m sqlm_jax.pretrain --config=configs/tiny_algebra_pretrain.py`.
 
 Writes `sqlm_jax/assets/tiny_algebra` (HF folder + tokenizer + pretrain_metrics.json), deterministic
 from `seed`: `configs/tiny_pretrain.py` (tokenizer, architecture, optimizer, evaluation) with two more
-layers, on the linear-equation corpus of `sqlm_jax.tiny_algebra_corpus`. Results: docs/results.md.
+layers, on the linear-equation corpus of `sqlm_jax.tiny_algebra_corpus`, for 4,800 steps of 32 chats
+(about 30 minutes on 2 CPU cores of a 213 GFLOP/s VM). Held-out greedy accuracy climbs slowly: 11% at
+step 1,920 (where two earlier runs were stopped), 22% at 2,880, 27% at 3,360 (docs/results.md).
 """
 import runpy
 from pathlib import Path
@@ -45,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
         exclude_heldout=5000,
     ))
     c.model.num_layers = 6
-    c.train.steps = 3000
+    c.train.steps = 4800
     c.train.batch_size = 32
     c.train.seq_len = 176
     # Watched (and saved with snapshot_dir) every 480 steps; with the normalizer from the first 480
