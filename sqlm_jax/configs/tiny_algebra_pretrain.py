@@ -3,8 +3,9 @@
 Writes `sqlm_jax/assets/tiny_algebra` (HF folder + tokenizer + pretrain_metrics.json), deterministic
 from `seed`: `configs/tiny_pretrain.py` (tokenizer, architecture, optimizer, evaluation) with two more
 layers, on the linear-equation corpus of `sqlm_jax.tiny_algebra_corpus`, for 4,800 steps of 32 chats
-(about 30 minutes on 2 CPU cores of a 213 GFLOP/s VM). Held-out greedy accuracy climbs slowly: 11% at
-step 1,920 (where two earlier runs were stopped), 22% at 2,880, 27% at 3,360 (docs/results.md).
+(~2.9 steps/s on 2 CPU cores of a 213 GFLOP/s VM: ~30 minutes with its evaluations). Held-out greedy
+accuracy climbs late: 11% at step 1,920 (where two earlier runs were stopped), 22% at 2,880, 42% at the
+end (docs/results.md).
 """
 import runpy
 from pathlib import Path
