@@ -115,13 +115,18 @@ def worked_one_variable(a: int, b: int, c: int, d: int, v: str) -> str:
     return " ".join(steps + [f"{v}={d - b}/{_signed(a - c)}={(d - b) // (a - c)}"])
 
 
+def _cramer(coefficients: tuple[int, int, int, int], e: int, f: int, asked_first: bool):
+    """D = a*d - b*c of ``a*u + b*w = e, c*u + d*w = f``, and the numerator's two factor pairs:
+    e*d - b*f for u (``asked_first``), a*f - e*c for w."""
+    a, b, c, d = coefficients
+    return a * d - b * c, (((e, d), (b, f)) if asked_first else ((a, f), (e, c)))
+
+
 def worked_two_variable(coefficients: tuple[int, int, int, int], e: int, f: int, asked_first: bool,
                         v: str) -> str:
     """Cramer's rule for ``a*u + b*w = e, c*u + d*w = f``, asking u (``asked_first``) or w."""
     a, b, c, d = coefficients
-    det = a * d - b * c
-    # The numerator's two products: e*d - b*f for u, a*f - e*c for w.
-    (p, q), (r, s) = ((e, d), (b, f)) if asked_first else ((a, f), (e, c))
+    det, ((p, q), (r, s)) = _cramer(coefficients, e, f, asked_first)
     num = p * q - r * s
 
     def difference(name, p, q, r, s, value):
@@ -157,8 +162,7 @@ def arithmetic_steps(question: str) -> list[tuple[str, int]]:
     (l1, e), (l2, f) = [(left, right_constant) for (left, _), (_, right_constant) in equations]
     u, w = l1
     a, b, c, d = l1[u], l1[w], l2[u], l2[w]
-    det = a * d - b * c
-    (p, q), (r, s) = ((e, d), (b, f)) if asked == u else ((a, f), (e, c))
+    det, ((p, q), (r, s)) = _cramer((a, b, c, d), e, f, asked == u)
     steps = []
     for x, y, z, t in ((a, d, b, c), (p, q, r, s)):
         steps += [(f"{x}*{_signed(y)}", x * y), (f"{_signed(z)}*{_signed(t)}", z * t),
