@@ -280,17 +280,23 @@ def train_step(state: TrainState, micro_batches: RoleBatch, *, loss_fn, tx, agg:
 
     A non-finite loss or gradient norm skips the update, as the reference does (verl skips the
     optimizer step when grad_norm is not finite): parameters, optimizer state and step stay as they
-    were, and the metric "skipped" is 1. A select, not a branch, so the step stays one fused program
-    and the host learns of the skip from the metrics it fetches anyway.
+    were, and the metric "skipped" is 1. A mini-batch with no token in its loss (every row filtered
+    out by rl.filter_zero_variance; the reference never makes one) is skipped the same way and counted
+    by "no_signal": stepping AdamW on its zero gradient would still move every weight by the momentum
+    of earlier steps, a drift with no reward behind it. A select, not a branch, so the step stays one
+    fused program and the host learns of the skip from the metrics it fetches anyway.
     """
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro_batches, agg)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    metrics.update(grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
-    return TrainState(step=state.step + finite.astype(state.step.dtype), params=keep(params, state.params),
+    signal = metrics["tokens"] > 0
+    applied = finite & signal
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(applied, a, b), new, old)
+    metrics.update(grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32),
+                   no_signal=1.0 - signal.astype(jnp.float32))
+    return TrainState(step=state.step + applied.astype(state.step.dtype), params=keep(params, state.params),
                       opt_state=keep(opt_state, state.opt_state)), metrics
 
 

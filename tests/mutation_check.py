@@ -66,6 +66,8 @@ MUTATIONS = [
      "total = total - loss_cfg.kl_coef * rl.masked_sum(kl * weights, mask)", [LOSS]),
     ("entropy bonus's sign flipped", STEP, "total = pg - loss_cfg.entropy_coef * rl.masked_sum(entropy * weights, mask)",
      "total = pg + loss_cfg.entropy_coef * rl.masked_sum(entropy * weights, mask)", [LOSS]),
+    ("an update with no token in the loss applied", STEP, "    applied = finite & signal", "    applied = finite",
+     ["tests/test_train_step.py::test_a_mini_batch_with_no_tokens_makes_no_update"]),
     ("gradient clipping removed", STEP, "        optax.clip_by_global_norm(optim_cfg.grad_clip),\n", "", [LOSS]),
     ("kl_coef forced to 0 in LossConfig.from_config", STEP, "kl_coef=rl_cfg.kl_coef,", "kl_coef=0.0,", [LOSS]),
     ("k3's inner clamp dropped", "sqlm_jax/rl.py", "d = jnp.clip(-diff, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)",

@@ -174,3 +174,25 @@ def test_non_finite_loss_skips_the_update_and_counts_it():
     assert float(metrics["skipped"]) == 0.0 and int(state.step) == 1
     moved = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), state.params, start.params)
     assert not all(jax.tree.leaves(moved))
+
+
+def test_a_mini_batch_with_no_tokens_makes_no_update():
+    """Every row filtered out (rl.filter_zero_variance) leaves no token in the loss: after an update
+    with signal, such a step leaves parameters, AdamW's moments and the step count exactly as they
+    were, where AdamW would still move the weights by its momentum, and counts "no_signal"."""
+    graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(3)))
+    tx = optax.adamw(1e-3)
+    step = jax.jit(lambda s, b: train_step(s, b, loss_fn=policy_loss_fn(graphdef, LossConfig()), tx=tx))
+    batch = _batch()
+    state, metrics = step(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)),
+                          _split(batch, 4))
+    assert float(metrics["no_signal"]) == 0.0 and int(state.step) == 1
+    empty = batch.replace(response_mask=np.zeros_like(batch.response_mask))
+    after, metrics = step(state, _split(empty, 4))
+    assert float(metrics["no_signal"]) == 1.0 and float(metrics["skipped"]) == 0.0
+    assert float(metrics["grad_norm"]) == 0.0 and int(after.step) == 1
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                        (after.params, after.opt_state), (state.params, state.opt_state))
+    assert all(jax.tree.leaves(same))
+    drift, _ = tx.update(jax.tree.map(jnp.zeros_like, state.params), state.opt_state, state.params)
+    assert float(optax.tree.norm(drift)) > 0  # the momentum a plain AdamW step would have applied
