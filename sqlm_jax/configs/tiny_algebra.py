@@ -27,7 +27,8 @@ def get_config():
     c.eval.max_new_tokens = 112
     c.eval.second_set = ""
     c.eval.second_set_options = {}
-    # Answers here are longer than the arithmetic ones (~3 s a step on a 213 GFLOP/s 2-core VM):
-    # 150 steps keep the run within 10 minutes. On seed 0, 200 steps gained no more than 50 did.
-    c.train.steps = 150
+    # Answers here are longer than the arithmetic ones: ~3.4 s a step on a 2-core VM (float32 matmul
+    # peak ~200 GFLOP/s), so 130 steps keep the run, with its four evaluations, within 10 minutes.
+    # On seed 0, 200 steps gained less than 50 did (docs/results.md).
+    c.train.steps = 130
     return c
