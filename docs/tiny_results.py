@@ -22,12 +22,18 @@ IMG = Path(__file__).with_name("img")
 
 def run_table(runs: dict[str, Path]) -> str:
     """One row per run and evaluation step: greedy, sampled and majority accuracy."""
-    lines = ["| run | step | greedy | sampled (mean of 4) | majority of 4 |", "|---|---|---|---|---|"]
+    histories = {name: json.loads((w / "summary.json").read_text())["eval_history"] for name, w in runs.items()}
+    # eval.second_set's greedy accuracy ("eval/beyond_greedy_accuracy"), where the runs have one.
+    second = sorted({k for h in histories.values() for e in h for k in e
+                     if k.endswith("_greedy_accuracy") and k != "eval/greedy_accuracy"})
+    header = ["run", "step", "greedy", "sampled (mean of 4)", "majority of 4", *(k[5:-18] + " (greedy)" for k in second)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     fmt = lambda v: "" if v is None else f"{v:.3f}"
-    for name, workdir in runs.items():
-        for e in json.loads((workdir / "summary.json").read_text())["eval_history"]:
-            lines.append(f"| {name} | {e['step']} | {fmt(e['eval/greedy_accuracy'])} | "
-                         f"{fmt(e.get('eval/sampled_accuracy'))} | {fmt(e.get('eval/majority_accuracy'))} |")
+    for name, history in histories.items():
+        for e in history:
+            values = [e["eval/greedy_accuracy"], e.get("eval/sampled_accuracy"), e.get("eval/majority_accuracy"),
+                      *(e.get(k) for k in second)]
+            lines.append(f"| {name} | {e['step']} | " + " | ".join(map(fmt, values)) + " |")
     return "\n".join(lines)
 
 

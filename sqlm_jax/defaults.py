@@ -105,7 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
         "policy_loss": "ppo",
         "gspo_clip_eps_low": 3e-4,
         "gspo_clip_eps_high": 4e-4,
-        # Dynamic sampling (DAPO): groups whose n rewards are all equal leave the update, per role.
+        # Dynamic sampling (DAPO): groups whose n rewards are all equal leave the update, per role; a
+        # mini-batch with no row left makes no optimizer step (metric ROLE/no_signal; train_step).
         "filter_zero_variance": False,
         "mask_truncated": False,     # overlong filtering (DAPO): responses cut at max_new_tokens leave the loss
         "dual_clip_c": 3.0,
