@@ -26,7 +26,8 @@ def run_table(runs: dict[str, Path]) -> str:
     # eval.second_set's greedy accuracy ("eval/beyond_greedy_accuracy"), where the runs have one.
     second = sorted({k for h in histories.values() for e in h for k in e
                      if k.endswith("_greedy_accuracy") and k != "eval/greedy_accuracy"})
-    header = ["run", "step", "greedy", "sampled (mean of 4)", "majority of 4", *(k[5:-18] + " (greedy)" for k in second)]
+    names = [k[len("eval/"):-len("_greedy_accuracy")] + " (greedy)" for k in second]
+    header = ["run", "step", "greedy", "sampled (mean of 4)", "majority of 4", *names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     fmt = lambda v: "" if v is None else f"{v:.3f}"
     for name, history in histories.items():
