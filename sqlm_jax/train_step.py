@@ -280,8 +280,8 @@ def train_step(state: TrainState, micro_batches: RoleBatch, *, loss_fn, tx, agg:
 
     A non-finite loss or gradient norm skips the update, as the reference does (verl skips the
     optimizer step when grad_norm is not finite): parameters, optimizer state and step stay as they
-    were, and the metric "skipped" is 1. A mini-batch with no token in its loss (every row filtered
-    out by rl.filter_zero_variance; the reference never makes one) is skipped the same way and counted
+    were, and the metric "skipped" is 1. A mini-batch with no token in its loss (every row masked out,
+    e.g. by rl.filter_zero_variance; the reference never makes one) is skipped the same way and counted
     by "no_signal": stepping AdamW on its zero gradient would still move every weight by the momentum
     of earlier steps, a drift with no reward behind it. A select, not a branch, so the step stays one
     fused program and the host learns of the skip from the metrics it fetches anyway.

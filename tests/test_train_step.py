@@ -150,6 +150,11 @@ def test_trimming_all_padding_prompt_columns_keeps_the_loss():
     assert trim_prompt_padding(np.zeros((1, 20)), np.arange(20)[None, :] >= 3)[1].shape == (1, 20)
 
 
+def _identical(a, b) -> bool:
+    """Whether two pytrees (parameters, optimizer states) hold exactly the same values."""
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)))
+
+
 def test_non_finite_loss_skips_the_update_and_counts_it():
     """A batch whose advantages hold a NaN makes the loss and every gradient NaN: parameters, optimizer
     state and step stay exactly as they were, and "skipped" is 1. The same batch made finite updates."""
@@ -166,14 +171,11 @@ def test_non_finite_loss_skips_the_update_and_counts_it():
     assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
     assert not np.isfinite(float(metrics["grad_norm"]))
     assert int(state.step) == 0
-    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
-                        (state.params, state.opt_state), (start.params, start.opt_state))
-    assert all(jax.tree.leaves(same))
+    assert _identical((state.params, state.opt_state), (start.params, start.opt_state))
 
     state, metrics = step(start, _split(batch, 4))
     assert float(metrics["skipped"]) == 0.0 and int(state.step) == 1
-    moved = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), state.params, start.params)
-    assert not all(jax.tree.leaves(moved))
+    assert not _identical(state.params, start.params)
 
 
 def test_a_mini_batch_with_no_tokens_makes_no_update():
@@ -191,8 +193,6 @@ def test_a_mini_batch_with_no_tokens_makes_no_update():
     after, metrics = step(state, _split(empty, 4))
     assert float(metrics["no_signal"]) == 1.0 and float(metrics["skipped"]) == 0.0
     assert float(metrics["grad_norm"]) == 0.0 and int(after.step) == 1
-    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
-                        (after.params, after.opt_state), (state.params, state.opt_state))
-    assert all(jax.tree.leaves(same))
+    assert _identical((after.params, after.opt_state), (state.params, state.opt_state))
     drift, _ = tx.update(jax.tree.map(jnp.zeros_like, state.params), state.opt_state, state.params)
     assert float(optax.tree.norm(drift)) > 0  # the momentum a plain AdamW step would have applied
