@@ -14,6 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
+from sqlm_jax import tiny_coding_corpus
 from sqlm_jax.plots import compare_runs, read_jsonl
 from sqlm_jax.tasks import get_task
 
@@ -56,6 +57,20 @@ def overlap(workdir: Path) -> tuple[int, int]:
     return sum(q in heldout for q in questions), len(proposals)
 
 
+def proposer_tests(workdir: Path) -> str:
+    """Coding runs: how often the proposer's own tests are wrong (against the generator's truth), in the
+    first and the last fifth of the run's steps."""
+    lines = read_jsonl(workdir / "questions.jsonl")
+    fifth = max(len(lines) // 5, 1)
+    parts = []
+    for label, part in [("first fifth", lines[:fifth]), ("last fifth", lines[-fifth:])]:
+        stats = tiny_coding_corpus.proposal_stats([p for line in part for p in line["proposals"]], set())
+        parts.append(f"{label}: {stats['valid_fraction']:.0%} of proposals are the generator's problems with "
+                     f"tests; {stats['wrong_test_fraction']:.1%} of their tests are wrong, "
+                     f"{stats['proposals_with_a_wrong_test']:.0%} have at least one wrong test")
+    return "; ".join(parts)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("seeds", nargs="+", type=Path, help="workdirs of the tiny config's seeds")
@@ -72,6 +87,8 @@ def main():
     for name, workdir in {**seeds, **ablations}.items():
         hits, total = overlap(workdir)
         print(f"{name}: {hits} of {total} proposals are held-out questions ({hits / max(total, 1):.2%})")
+        if json.loads((workdir / "summary.json").read_text())["task"] == "coding":
+            print(f"  {name}, proposer's tests: {proposer_tests(workdir)}")
 
     IMG.mkdir(exist_ok=True)
     for key, stem in [("eval/greedy_accuracy", "greedy"), ("eval/sampled_accuracy", "sampled")]:

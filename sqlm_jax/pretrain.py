@@ -247,7 +247,8 @@ def corpus_and_proposal_stats(config, task, excluded: set[str]):
     if config.task_name == "coding":
         chats = tiny_coding_corpus.chat_examples(
             n, config.seed, proposer_fraction=config.corpus.proposer_fraction, proposer_prompt=task.proposer_prompt,
-            solver_prompt=solver_prompt, exclude=excluded)
+            solver_prompt=solver_prompt, exclude=excluded, test_length=config.corpus.test_length,
+            test_value=config.corpus.test_value)
         return chats, tiny_coding_corpus.proposal_stats
     if config.task_name == "algebra":
         chats = tiny_algebra_corpus.chat_examples(
@@ -266,6 +267,18 @@ def corpus_and_proposal_stats(config, task, excluded: set[str]):
     heldout_family = tiny_corpus.ProblemFamily(tuple(task.heldout_a_range), tuple(task.heldout_b_range),
                                                task.question_template)
     return chats, lambda texts, heldout: arithmetic_proposal_stats(texts, heldout, task, family, heldout_family)
+
+
+def snapshot_record(folder: str, steps: int) -> dict:
+    """The record (run_so_far.json) of a longer run's snapshot taken at step ``steps``, or a one-line error."""
+    record = Path(folder) / "run_so_far.json"
+    if not record.is_file():
+        raise SystemExit(f"error: {record} not found; train.from_snapshot takes a snapshot_dir/step_K folder")
+    so_far = json.loads(record.read_text())
+    # The step of its last watched evaluation: its losses are logged every 50 steps, not there.
+    if not so_far["watched"] or so_far["watched"][-1]["step"] != steps:
+        raise SystemExit(f"error: {folder} is not a snapshot at step {steps}; set train.steps to its step")
+    return so_far
 
 
 def main(_):
@@ -301,10 +314,8 @@ def main(_):
     if config.train.from_snapshot:
         # A snapshot of a longer run at step `steps` is the model this run would train (normalizer_rows),
         # so it is shipped, with its run's record, instead of training it again.
+        so_far = snapshot_record(config.train.from_snapshot, config.train.steps)
         model, _ = load_pretrained(config.train.from_snapshot)
-        so_far = json.loads((Path(config.train.from_snapshot) / "run_so_far.json").read_text())
-        if so_far["losses"][-1][0] != config.train.steps:
-            raise SystemExit(f"error: {config.train.from_snapshot} is not a snapshot at step {config.train.steps}")
         train_seconds, losses, watched = so_far["train_seconds"], so_far["losses"], so_far["watched"]
     else:
         model, losses = warm_start(cfg, tokens, loss_mask, config.train, config.seed, on_eval=on_eval)

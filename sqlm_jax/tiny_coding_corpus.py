@@ -32,9 +32,11 @@ def solver_response(problem: list_problems.ListProblem) -> str:
 
 def chat_examples(n: int, seed: int, *, proposer_fraction: float = 0.2, proposer_prompt: str = PROPOSER_PROMPT,
                   solver_prompt: Callable[[str], str] = lambda q: f"{q}\n\n{SOLVER_INSTRUCTION}",
-                  exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
-    """``n`` (user, assistant) chats, a ``proposer_fraction`` of them proposer turns; problems whose
-    statement is in ``exclude`` never appear."""
+                  exclude: Iterable[str] = (), test_length: tuple[int, int] = (1, 8),
+                  test_value: int = 20) -> list[tuple[str, str]]:
+    """``n`` (user, assistant) chats, a ``proposer_fraction`` of them proposer turns, whose tests have
+    ``test_length`` integers in [-test_value, test_value]; problems whose statement is in ``exclude``
+    never appear."""
     excluded = set(exclude)
     rng = random.Random(seed)
     chats = []
@@ -43,7 +45,8 @@ def chat_examples(n: int, seed: int, *, proposer_fraction: float = 0.2, proposer
         if problem.text in excluded:
             continue
         if rng.random() < proposer_fraction:
-            chats.append((proposer_prompt, proposal_text(problem, list_problems.tests_for(problem, rng))))
+            chats.append((proposer_prompt, proposal_text(problem, list_problems.tests_for(
+                problem, rng, length=tuple(test_length), value=test_value))))
         else:
             chats.append((solver_prompt(problem.text), solver_response(problem)))
     return chats

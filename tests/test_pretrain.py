@@ -205,3 +205,16 @@ def test_shipped_asset_loads_is_small_and_is_imperfect():
                        full=True)
     assert abs(sampled.majority_accuracy - recorded["majority_accuracy"]) <= 0.15
     assert round(recorded["majority_accuracy"] - recorded["greedy_accuracy"], 3) >= 0.05
+
+
+def test_a_snapshot_is_shipped_only_at_its_own_step(tmp_path):
+    """train.from_snapshot: the snapshot's step is its last watched evaluation's, which need not be a
+    step its losses were logged at (every 50); any other step, or no record, is a one-line error."""
+    (tmp_path / "run_so_far.json").write_text(json.dumps(
+        {"train_seconds": 1.0, "losses": [[50, 2.0], [300, 1.0]], "watched": [{"step": 160}, {"step": 320}]}))
+    assert pretrain.snapshot_record(str(tmp_path), 320)["watched"][-1]["step"] == 320
+    for steps in (300, 160):
+        with pytest.raises(SystemExit, match=f"^error: .* is not a snapshot at step {steps}; set train.steps"):
+            pretrain.snapshot_record(str(tmp_path), steps)
+    with pytest.raises(SystemExit, match="^error: .*run_so_far.json not found"):
+        pretrain.snapshot_record(str(tmp_path / "nope"), 320)

@@ -127,9 +127,11 @@ def random_input(rng: random.Random, length: tuple[int, int] = (1, 8), value: in
     return [rng.randint(-value, value) for _ in range(rng.randint(*length))]
 
 
-def tests_for(problem: ListProblem, rng: random.Random, n: int = 5) -> tuple[tuple[str, str], ...]:
-    """``n`` (stdin, expected stdout) pairs on seeded random inputs, as the sandbox scores them."""
-    inputs = [random_input(rng) for _ in range(n)]
+def tests_for(problem: ListProblem, rng: random.Random, n: int = 5, length: tuple[int, int] = (1, 8),
+              value: int = 20) -> tuple[tuple[str, str], ...]:
+    """``n`` (stdin, expected stdout) pairs on seeded random inputs of ``length`` integers in
+    [-value, value], as the sandbox scores them."""
+    inputs = [random_input(rng, length, value) for _ in range(n)]
     return tuple((" ".join(map(str, x)), problem.output(x)) for x in inputs)
 
 

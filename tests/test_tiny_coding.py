@@ -1,0 +1,86 @@
+"""The tiny coding demo: its corpus with the proposer's short tests, the shipped model it warm-starts
+(imperfect, and scored as its record says) and configs/tiny_coding.py on it for two steps."""
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+
+from sqlm_jax import tiny_coding_corpus as corpus
+from sqlm_jax.configs import tiny_coding_pretrain
+from sqlm_jax.evaluate import evaluate
+from sqlm_jax.models import load_pretrained
+from sqlm_jax.tasks import get_task, list_problems
+from sqlm_jax.tasks.coding import parse_proposal
+from sqlm_jax.tokenizer import load_tokenizer
+from sqlm_jax.train import Trainer
+from tests.sandbox_marks import needs_bwrap
+
+ASSET = Path(corpus.__file__).parent / "assets" / "tiny_coding"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_proposers_tests_have_the_configured_sizes_and_the_truth():
+    options = tiny_coding_pretrain.get_config().corpus
+    chats = corpus.chat_examples(2000, seed=0, test_length=options.test_length, test_value=options.test_value)
+    tests = [parse_proposal(a) for u, a in chats if u == corpus.PROPOSER_PROMPT]
+    assert len(tests) > 300
+    inputs = [[int(x) for x in given.split()] for _, cases in tests for given, _ in cases]
+    assert {len(x) for x in inputs} == {1, 2, 3, 4, 5}
+    assert max(map(max, inputs)) == 9 and min(map(min, inputs)) == -9
+    assert all(list_problems.wrong_tests(list_problems.parse_problem(p), cases) == 0 for p, cases in tests)
+
+
+@needs_bwrap
+def test_shipped_asset_is_small_imperfect_and_what_its_record_says():
+    """The warm start self-play begins from: under 10 MB, passing some held-out tests but far from all,
+    its proposer writing the generator's problems with tests; its greedy scores recomputed on 60
+    held-out problems in the sandbox."""
+    assert sum(p.stat().st_size for p in ASSET.iterdir()) <= 10 * 2**20
+    config = tiny_coding_pretrain.get_config()
+    task = get_task("coding", **config.task)
+    metrics = json.loads((ASSET / "pretrain_metrics.json").read_text())
+    recorded = metrics["solver"]
+    assert recorded["num_problems"] == 300 and len(recorded["greedy_scores"]) == 300
+    assert 0.2 <= recorded["greedy_accuracy"] <= 0.8
+    assert metrics["proposer"]["valid_fraction"] > 0.5
+    model, _ = load_pretrained(ASSET)
+    problems = task.heldout_problems(60, config.eval.seed)  # the recorded set's first 60
+    greedy = evaluate(model, load_tokenizer(ASSET), task, problems, max_new_tokens=config.eval.max_new_tokens,
+                      batch_size=60, full=True)
+    # "greedy_scores" marks the programs that pass every test.
+    flips = sum((s == "1") != (r == 1) for s, r in zip(recorded["greedy_scores"], greedy.scores[:, 0]))
+    assert flips <= 2, flips  # greedy decoding is deterministic up to float rounding across machines
+
+
+@needs_bwrap
+def test_tiny_coding_config_runs_self_play(tmp_path):
+    """configs/tiny_coding.py for 2 steps on the shipped model: proposals with tests, pass-rate rewards
+    neither all 0 nor all 1, the critic trained, checkpoint, plots, export."""
+    config = runpy.run_path(str(ROOT / "configs" / "tiny_coding.py"))["get_config"]()
+    config.workdir = str(tmp_path / "run")
+    config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # the test session's 8 CPU devices
+    config.train.steps = 2
+    # 8 proposals and 32 programs a step (the config's quarter): the suite's time, not the loop, shrinks.
+    config.rollout.batch_size = config.rl.mini_batch_size = 2
+    config.rl.micro_batch_size = 8
+    config.eval.every = 2
+    config.eval.num_problems = config.eval.batch_size = 16
+    config.eval.sampled_problems = 8
+    config.checkpoint.every = 2
+    summary = Trainer(config).run()
+
+    workdir = tmp_path / "run"
+    assert summary["task"] == "coding" and summary["steps"] == 2 and 0 < summary["base_accuracy"] < 1
+    lines = [json.loads(line) for line in (workdir / "questions.jsonl").read_text().splitlines()]
+    proposals = [p for line in lines for p in line["proposals"]]
+    assert corpus.proposal_stats(proposals, set())["valid_fraction"] > 0.5
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "reward/solver" in m]
+    assert len(steps) == 2 and 0 < np.mean([m["reward/solver"] for m in steps]) < 1
+    assert all("solver/critic_value_loss" in m and "proposer/critic_value_loss" in m for m in steps)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert sorted(p.name for p in (workdir / "plots").iterdir()) == \
+        ["curriculum.png", "questions_pca.png", "rewards.png"]
+    _, cfg = load_pretrained(workdir / "export")
+    assert cfg.architecture == "Qwen2ForCausalLM"
