@@ -3,7 +3,6 @@ left out), the generator's sizes as task options, the shipped model it warm-star
 configs/tiny_algebra.py on it."""
 import json
 import re
-import runpy
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,10 +17,10 @@ from sqlm_jax.tasks import get_task
 from sqlm_jax.tasks.algebra import LinearFamily, linear_equation_problems, parse_selected_question
 from sqlm_jax.tokenizer import load_tokenizer
 from sqlm_jax.train import Trainer
+from tests.tiny_models import shipped_two_step_config
 
 TINY = LinearFamily(**{k: v for k, v in tiny_algebra_pretrain.TASK.items() if k in LinearFamily.__annotations__})
 ASSET = Path(corpus.__file__).parent / "assets" / "tiny_algebra"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("family", [LinearFamily(), TINY], ids=["omega_sizes", "tiny_sizes"])
@@ -152,14 +151,7 @@ def test_shipped_asset_is_small_imperfect_and_what_its_record_says():
 def test_tiny_algebra_config_runs_self_play(tmp_path):
     """configs/tiny_algebra.py for 2 steps on the shipped model: the proposer's "Selected Question"
     proposals parse, majority-vote rewards are neither all 0 nor all 1, checkpoint, plots, export."""
-    config = runpy.run_path(str(ROOT / "configs" / "tiny_algebra.py"))["get_config"]()
-    config.workdir = str(tmp_path / "run")
-    config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # the test session's 8 CPU devices
-    config.train.steps = 2
-    config.eval.every = 2
-    config.eval.num_problems = config.eval.batch_size = 32
-    config.eval.sampled_problems = 16
-    config.checkpoint.every = 2
+    config = shipped_two_step_config("tiny_algebra", tmp_path / "run", eval_problems=32)
     summary = Trainer(config).run()
 
     workdir = tmp_path / "run"

@@ -1,7 +1,6 @@
 """The tiny coding demo: its corpus with the proposer's short tests, the shipped model it warm-starts
 (imperfect, and scored as its record says) and configs/tiny_coding.py on it for two steps."""
 import json
-import runpy
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,9 @@ from sqlm_jax.tasks.coding import parse_proposal
 from sqlm_jax.tokenizer import load_tokenizer
 from sqlm_jax.train import Trainer
 from tests.sandbox_marks import needs_bwrap
+from tests.tiny_models import shipped_two_step_config
 
 ASSET = Path(corpus.__file__).parent / "assets" / "tiny_coding"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_proposers_tests_have_the_configured_sizes_and_the_truth():
@@ -57,17 +56,10 @@ def test_shipped_asset_is_small_imperfect_and_what_its_record_says():
 def test_tiny_coding_config_runs_self_play(tmp_path):
     """configs/tiny_coding.py for 2 steps on the shipped model: proposals with tests, pass-rate rewards
     neither all 0 nor all 1, the critic trained, checkpoint, plots, export."""
-    config = runpy.run_path(str(ROOT / "configs" / "tiny_coding.py"))["get_config"]()
-    config.workdir = str(tmp_path / "run")
-    config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}  # the test session's 8 CPU devices
-    config.train.steps = 2
+    config = shipped_two_step_config("tiny_coding", tmp_path / "run", eval_problems=16)
     # 8 proposals and 32 programs a step (the config's quarter): the suite's time, not the loop, shrinks.
     config.rollout.batch_size = config.rl.mini_batch_size = 2
     config.rl.micro_batch_size = 8
-    config.eval.every = 2
-    config.eval.num_problems = config.eval.batch_size = 16
-    config.eval.sampled_problems = 8
-    config.checkpoint.every = 2
     summary = Trainer(config).run()
 
     workdir = tmp_path / "run"

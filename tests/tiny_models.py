@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 from pathlib import Path
 
 from flax import nnx
@@ -51,6 +52,18 @@ def tiny_run_config(model_path: Path, workdir: Path, task: str = "arithmetic", s
     c.eval.max_new_tokens = 8
     c.checkpoint.every = 1
     c.checkpoint.keep = 5
+    return c
+
+
+def shipped_two_step_config(name: str, workdir: Path, eval_problems: int):
+    """configs/NAME.py as shipped, for 2 steps evaluated at both ends on `eval_problems` held-out
+    problems (half of them sampled), checkpointed at the end; the mesh spans all 8 test devices."""
+    c = runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"))["get_config"]()
+    c.workdir = str(workdir)
+    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+    c.train.steps = c.eval.every = c.checkpoint.every = 2
+    c.eval.num_problems = c.eval.batch_size = eval_problems
+    c.eval.sampled_problems = eval_problems // 2
     return c
 
 
