@@ -5,7 +5,8 @@ Writes `sqlm_jax/assets/tiny_coding`: the character tokenizer and the 4-layer ar
 `tasks.list_problems` with five tests (proposer) or the reference program (solver). The held-out set
 is the generator's, scored in the sandbox by the fraction of its tests a program passes. Deterministic
 from `seed`: 2,240 steps of 32 chats, ~1.1 s a step alone on 2 CPU cores of a ~220 GFLOP/s VM (~45
-minutes with its evaluations; the shipped run took 67, sharing the cores with pilot self-play runs).
+minutes with its evaluations, estimated from the steps that ran alone; the shipped run took 67,
+sharing the cores with pilot self-play runs).
 Held-out greedy score (100 watched problems) climbs late: 5% at step 640, 21% at 1,600, 33% at 2,240,
 where it stops: `train.snapshot_dir` keeps every 320th step's model, and `train.from_snapshot` ships
 one without training again (docs/results.md).
