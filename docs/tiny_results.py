@@ -68,6 +68,9 @@ def proposer_tests(workdir: Path) -> str:
         parts.append(f"{label}: {stats['valid_fraction']:.0%} of proposals are the generator's problems with "
                      f"tests; {stats['wrong_test_fraction']:.1%} of their tests are wrong, "
                      f"{stats['proposals_with_a_wrong_test']:.0%} have at least one wrong test")
+    stats = tiny_coding_corpus.proposal_stats([p for line in lines for p in line["proposals"]], set())
+    by_length = ", ".join(f"{n}: {w:.0%}" for n, w in stats["wrong_test_fraction_by_input_length"].items())
+    parts.append(f"wrong tests by the input's length, whole run: {by_length}")
     return "; ".join(parts)
 
 

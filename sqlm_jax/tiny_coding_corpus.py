@@ -11,6 +11,7 @@ wrong tests at times: `proposal_stats` counts them against the generator's truth
 """
 from __future__ import annotations
 
+import collections
 import random
 from typing import Callable, Iterable
 
@@ -59,8 +60,13 @@ def proposal_stats(texts: list[str], heldout_questions: set[str]) -> dict:
     parsed = [p for p in map(parse_proposal, texts) if p is not None]
     known = [(list_problems.parse_problem(problem), tests) for problem, tests in parsed]
     known = [(p, tests) for p, tests in known if p is not None]
-    wrong = [list_problems.wrong_tests(p, tests) for p, tests in known]
-    checked = [(w, len(tests)) for w, (_, tests) in zip(wrong, known) if w is not None]
+    flags = [list_problems.wrong_tests(p, tests) for p, tests in known]
+    checked = [(sum(f), len(tests)) for f, (_, tests) in zip(flags, known) if f is not None]
+    # A character model computes an output one digit at a time, in its head: longer inputs, more slips.
+    by_length = collections.defaultdict(list)
+    for f, (_, tests) in zip(flags, known):
+        for wrong, (given, _) in zip(f or (), tests):
+            by_length[len(given.split())].append(wrong)
     num = max(len(texts), 1)
     return {
         "num_proposals": len(texts),
@@ -70,5 +76,6 @@ def proposal_stats(texts: list[str], heldout_questions: set[str]) -> dict:
         "distinct_fraction": len({problem for problem, _ in parsed}) / num,
         "wrong_test_fraction": sum(w for w, _ in checked) / max(sum(t for _, t in checked), 1),
         "proposals_with_a_wrong_test": sum(w > 0 for w, _ in checked) / max(len(checked), 1),
+        "wrong_test_fraction_by_input_length": {n: sum(w) / len(w) for n, w in sorted(by_length.items())},
         "examples": [problem for problem, _ in parsed[:10]],
     }

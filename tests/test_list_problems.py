@@ -50,9 +50,10 @@ def test_statements_parse_back_to_their_problem_and_nothing_else_does():
         assert lp.parse_problem(text) is None, text
 
 
-def test_wrong_tests_are_counted_against_the_truth():
+def test_wrong_tests_are_marked_against_the_truth():
     problem = lp.ListProblem((lp.FILTERS[0], lp.FINALS[0]))  # the sum of the even numbers
-    assert lp.wrong_tests(problem, (("1 2 4", "6"), ("3", "0"), ("2 2", "5"), ("-4 1", "-4"))) == 1
+    assert lp.wrong_tests(problem, (("1 2 4", "6"), ("3", "0"), ("2 2", "5"), ("-4 1", "-4"))) == \
+        [False, False, True, False]
     assert lp.wrong_tests(problem, (("1 x", "0"),)) is None
 
 
@@ -66,7 +67,7 @@ def test_the_coding_corpus_is_correct_and_leaves_heldout_problems_out():
     for user, reply in chats:
         if user == corpus.PROPOSER_PROMPT:
             statement, tests = parse_proposal(reply)
-            assert len(tests) == 5 and lp.wrong_tests(lp.parse_problem(statement), tests) == 0
+            assert len(tests) == 5 and not any(lp.wrong_tests(lp.parse_problem(statement), tests))
         else:
             statement = user.removesuffix("\n\n" + corpus.SOLVER_INSTRUCTION)
             assert extract_program(reply) == lp.parse_problem(statement).program
@@ -86,3 +87,4 @@ def test_proposal_stats_count_the_proposers_wrong_tests():
     assert stats["with_tests_fraction"] == 0.75 and stats["valid_fraction"] == 0.5
     assert stats["wrong_test_fraction"] == 0.25 and stats["proposals_with_a_wrong_test"] == 0.5
     assert stats["heldout_overlap"] == 0.5
+    assert stats["wrong_test_fraction_by_input_length"] == {1: 0.0, 3: 0.5}

@@ -170,14 +170,15 @@ def parse_problem(text: str) -> ListProblem | None:
     return problem if problem.text == text else None
 
 
-def wrong_tests(problem: ListProblem, tests: tuple[tuple[str, str], ...]) -> int | None:
-    """How many of ``tests`` (stdin, stdout) disagree with the truth of ``problem``; None if an input is
-    not a line of integers. (The generator's own functions compute the truth: no program runs.)"""
-    wrong = 0
+def wrong_tests(problem: ListProblem, tests: tuple[tuple[str, str], ...]) -> list[bool] | None:
+    """Per test of ``tests`` (stdin, stdout), whether it disagrees with the truth of ``problem``; None if
+    an input is not a line of integers. (The generator's own functions compute the truth: no program
+    runs.)"""
+    wrong = []
     for given, expected in tests:
         try:
             numbers = [int(x) for x in given.split()]
         except ValueError:
             return None
-        wrong += problem.output(numbers).strip() != expected.strip()
+        wrong.append(problem.output(numbers).strip() != expected.strip())
     return wrong
