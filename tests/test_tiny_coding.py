@@ -56,7 +56,7 @@ def test_shipped_asset_is_small_imperfect_and_what_its_record_says():
 def test_tiny_coding_config_runs_self_play(tmp_path):
     """configs/tiny_coding.py for 2 steps on the shipped model: proposals with tests, pass-rate rewards
     neither all 0 nor all 1, the critic trained, checkpoint, plots, export."""
-    config = shipped_two_step_config("tiny_coding", tmp_path / "run", eval_problems=8)
+    config = shipped_two_step_config("tiny_coding", tmp_path / "run", eval_problems=16)
     # 8 proposals and 32 programs a step (the config's quarter): the suite's time, not the loop, shrinks.
     config.rollout.batch_size = config.rl.mini_batch_size = 2
     config.rl.micro_batch_size = 8
