@@ -298,7 +298,16 @@ def _run_layer(layer, x, positions, kv_mask, rope, cache, write_index, prefix):
     return layer(x, positions, kv_mask, rope, cache, write_index, prefix)
 
 
-_run_layer_remat = nnx.remat(_run_layer)
+def _run_layer_remat(layer, *args):
+    """`_run_layer` whose activations the backward pass recomputes instead of keeping.
+
+    A pure `jax.checkpoint` over the layer's split state, not `nnx.remat`: the layer is rebuilt from
+    its graphdef inside the checkpoint's trace, so it works on a model merged in an outer trace (the
+    sampler's while loop, LoRA's frozen base merged inside the loss), where nnx.remat would write the
+    outer trace's Variables and fail. Outside a gradient, jax lowers a checkpoint as its plain body.
+    """
+    graphdef, state = nnx.split(layer)
+    return jax.checkpoint(lambda state, *args: _run_layer(nnx.merge(graphdef, state), *args))(state, *args)
 
 
 class Transformer(nnx.Module):
