@@ -164,8 +164,10 @@ def evaluate_config(config, model_path: str, *, num_problems: int | None = None,
 def _cli() -> None:
     from absl import app, flags, logging
 
-    from sqlm_jax.configs import parse_flags
-    from sqlm_jax.main import _CONFIG  # the training command's --config flag (and its overrides)
+    from sqlm_jax.configs import config_flag, parse_flags
+
+    _CONFIG = config_flag()  # the training command's --config flag (and its overrides)
+    flags.declare_key_flag("config")  # listed by --help
 
     flags.DEFINE_string("model", None, "HF folder (or hub id) of the model to evaluate, e.g. a run's export")
     flags.DEFINE_integer("num_problems", None, "held-out problems (default: the config's eval.num_problems)")

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, logging
-from ml_collections import config_flags
+from absl import app, flags, logging
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
-                                          lock_config=True)
+from sqlm_jax.configs import config_flag, parse_flags
+
+_CONFIG = config_flag()
+flags.declare_key_flag("config")  # listed by --help
 
 
 def main(argv: list[str]) -> None:
@@ -38,5 +39,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from sqlm_jax.configs import parse_flags
     app.run(main, flags_parser=parse_flags)

@@ -57,10 +57,40 @@ def resolve_flag(argv: list[str], flag: str = "config") -> list[str]:
     return out
 
 
+_CONFIG_FLAG = None
+
+
+def config_flag():
+    """The `--config=configs/NAME.py` flag of the command lines that run an experiment's config
+    (`sqlm_jax.main`, `sqlm_jax.evaluate`), with its `--config.KEY=VALUE` overrides: defined on the
+    first call, its holder returned on every call. Here, not in one of those commands, so that neither
+    imports the other."""
+    global _CONFIG_FLAG
+    if _CONFIG_FLAG is None:
+        from ml_collections import config_flags
+        _CONFIG_FLAG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
+                                                       lock_config=True)
+    return _CONFIG_FLAG
+
+
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def _asks_for_help(argv: list[str]) -> bool:
+    for arg in argv[1:]:
+        if arg == "--":
+            return False
+        name, _, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name in _HELP_FLAGS and value.lower() not in ("false", "f", "0"):
+            return True
+    return False
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing for the command lines (`app.run(main, flags_parser=parse_flags)`): the
-    `--config` file resolved as above, and an unknown config key or a bad flag reported in one line
-    instead of a traceback."""
+    `--config` file resolved as above, an unknown config key or a bad flag reported in one line
+    instead of a traceback, and `--help` (or --helpfull) exiting with code 0 after the usage, not
+    absl's 1."""
     from absl import flags
     try:
         return flags.FLAGS(resolve_flag(argv))
@@ -69,3 +99,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: unknown config key: {hint}")
     except (flags.Error, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except SystemExit as e:
+        if e.code == 1 and _asks_for_help(argv):  # absl's help flags exit 1 once they print the usage
+            sys.exit(0)
+        raise
