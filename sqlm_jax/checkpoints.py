@@ -12,16 +12,24 @@ manager keeps the last `keep`. On top of it:
 - a checkpoint made for another model, critic, LoRA or optimizer is refused with the first leaf that
   differs, before any array is read;
 - a failed save (no space, permission, a bucket error) removes its partial directory and raises one
-  line with the path and the bytes needed and free; the older checkpoints stay as they were.
+  line with the path and the bytes needed and free; the older checkpoints stay as they were. What
+  orbax's and tensorstore's writers print while they fail (dozens of tracebacks: asyncio's "Event loop
+  is closed", RESOURCE_EXHAUSTED from the OCDBT writer) goes to a log file beside the checkpoints
+  (`ERROR_LOG`, named in the line), not the console; `SQLM_JAX_DEBUG=1` shows it on the console.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import logging
+import os
 import shutil
 import sys
+import threading
+import time
+import traceback
 import zlib
 from typing import Any
 
@@ -31,6 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 INTEGRITY_FILE = "sqlm_integrity.json"
+ERROR_LOG = "checkpoint_errors.log"  # beside the checkpoints directory (the run's workdir)
 _CHUNK = 1 << 24
 
 
@@ -162,6 +171,75 @@ def _quiet():
             lg.setLevel(level)
 
 
+class _Reports(logging.Handler):
+    """What orbax's writers report while a checkpoint is written: their log records (absl's and
+    asyncio's loggers) and the exceptions raised in their threads and callbacks (sys.unraisablehook,
+    threading.excepthook), held instead of printed."""
+
+    LOGGERS = ("absl", "asyncio")
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.texts: list[str] = []  # formatted at once: a hook's arguments must not outlive it
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def _unraisable(self, args) -> None:
+        where = f"{args.err_msg or 'Exception ignored in'}: {args.object!r}\n" if args.object is not None else ""
+        self.texts.append(where + "".join(traceback.format_exception(args.exc_type, args.exc_value,
+                                                                      args.exc_traceback)))
+
+    def _thread(self, args) -> None:
+        name = args.thread.name if args.thread is not None else "?"
+        self.texts.append(f"Exception in thread {name}:\n" + "".join(traceback.format_exception(
+            args.exc_type, args.exc_value, args.exc_traceback)))
+
+    @contextlib.contextmanager
+    def held(self):
+        loggers = [logging.getLogger(name) for name in self.LOGGERS]
+        saved = [(lg.propagate, lg.handlers) for lg in loggers]
+        hooks = sys.unraisablehook, threading.excepthook
+        for lg in loggers:
+            lg.propagate, lg.handlers = False, [self]
+        sys.unraisablehook, threading.excepthook = self._unraisable, self._thread
+        try:
+            yield self
+        finally:
+            sys.unraisablehook, threading.excepthook = hooks
+            for lg, (propagate, handlers) in zip(loggers, saved):
+                lg.propagate, lg.handlers = propagate, handlers
+
+    def settle(self, quiet_s: float = 0.25, limit_s: float = 3.0) -> None:
+        """Waits, up to `limit_s`, until the writers have reported nothing for `quiet_s`: their threads
+        report after the save has failed, and their failed tasks, never retrieved, when collected
+        (collected here, so not on the console as the process exits)."""
+        start = since = time.monotonic()
+        count = -1
+        while time.monotonic() - start < limit_s:
+            gc.collect()
+            if len(self.records) + len(self.texts) != count:
+                count, since = len(self.records) + len(self.texts), time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return
+            time.sleep(0.05)
+
+    def replay(self) -> None:
+        """Reports as they would have appeared (a save that succeeded shows its warnings as ever)."""
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+        for text in self.texts:
+            sys.stderr.write(text)
+
+    def take(self) -> str:
+        """The reports so far as text, forgotten (with the records, their tracebacks' frames)."""
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s")
+        text = "".join(formatter.format(r) + "\n" for r in self.records) + "".join(self.texts)
+        self.records, self.texts = [], []
+        return text
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
@@ -195,19 +273,63 @@ class Checkpointer:
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
         if step in self.manager.all_steps():
             return
-        try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            meta=ocp.args.JsonSave(meta)))
-            self.manager.wait_until_finished()
-        except Exception as e:  # a disk, permission or bucket failure: the run cannot save
-            self._remove_partial(step)
-            free = free_bytes(str(self.directory))
-            cause = "no space left on the device" if _is_no_space(e) else _one_line(e)
-            raise CheckpointProblem(
-                f"saving the checkpoint of step {step} to {self.directory} failed ({cause}); it needs "
+        if os.environ.get("SQLM_JAX_DEBUG"):  # errors.DEBUG_VARIABLE: everything on the console, as raised
+            try:
+                self._save(step, state, meta)
+            except Exception as e:
+                raise CheckpointProblem(self._failed(step, state, e)) from e
+        else:
+            failure = None
+            with _Reports().held() as reports:
+                try:
+                    self._save(step, state, meta)
+                except Exception as e:  # a disk, permission or bucket failure: the run cannot save
+                    reports.settle()
+                    failure = self._failed(step, state, e)
+                    reports.texts.append("The failure itself:\n" + "".join(traceback.format_exception(e)))
+                    del e
+                if failure is not None:
+                    details = reports.take()  # the records' tracebacks let go of the failed writers,
+                    reports.settle()  # which are collected here, not at the exit (on the console)
+                    details += reports.take()
+            if failure is None:
+                reports.replay()
+            else:
+                raise CheckpointProblem(failure + self._write_log(step, details))
+        self._record_integrity(step)
+
+    def _save(self, step: int, state, meta: dict[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)))
+        self.manager.wait_until_finished()
+
+    def _failed(self, step: int, state, e: BaseException) -> str:
+        """Removes what the failed save of `step` left and says what happened, in one line."""
+        self._remove_partial(step)
+        free = free_bytes(str(self.directory))
+        cause = "no space left on the device" if _is_no_space(e) else _one_line(e)
+        return (f"saving the checkpoint of step {step} to {self.directory} failed ({cause}); it needs "
                 f"about {_gib(tree_bytes(state))}" + (f", {_gib(free)} are free" if free is not None else "")
                 + f"; the checkpoints already saved ({sorted(self.manager.all_steps()) or 'none'}) are "
-                "intact: free space or fix the permissions and resume with --config.resume=True") from e
+                "intact: free space or fix the permissions and resume with --config.resume=True")
+
+    def _write_log(self, step: int, text: str) -> str:
+        """Appends the failed save's reports to ERROR_LOG beside the checkpoints (written once the
+        partial checkpoint is gone, so a full disk has room for it); the words that name it."""
+        if jax.process_index() != 0:
+            return ""
+        log = self.directory.parent / ERROR_LOG
+        try:
+            with log.open("a") as f:
+                f.write(f"--- saving the checkpoint of step {step} ---\n{text}")
+        except Exception:  # a bucket (no appending) or a disk still full: the one line is the report
+            try:
+                log.write_text(f"--- saving the checkpoint of step {step} ---\n{text}")
+            except Exception:
+                return ""
+        return f"; details in {log}"
+
+    def _record_integrity(self, step: int) -> None:
         if jax.process_index() == 0:
             step_dir = self.directory / str(step)
             partial = step_dir / (INTEGRITY_FILE + ".tmp")
@@ -222,9 +344,14 @@ class Checkpointer:
         """Deletes the temporary directory a failed save of `step` left (orbax renames it to the step's
         name only once complete)."""
         if jax.process_index() == 0 and self.directory.exists():
-            for item in self.directory.iterdir():
-                if item.name.startswith(f"{step}.") and "orbax-checkpoint-tmp" in item.name:
+            deadline = time.monotonic() + 5.0
+            while partial := [item for item in self.directory.iterdir()
+                              if item.name.startswith(f"{step}.") and "orbax-checkpoint-tmp" in item.name]:
+                for item in partial:
                     item.rmtree(missing_ok=True)
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)  # a writer still finishing its array may create the directory again
         self.manager.reload()
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
@@ -270,14 +397,14 @@ class Checkpointer:
 
     def _move_aside(self, step: int, problem: str) -> None:
         target = self._damaged_dir() / str(step)
+        suffix = 0
+        while target.exists():  # never overwrite an earlier damaged copy
+            suffix += 1
+            target = target.parent / f"{step}.{suffix}"
         _warn(f"checkpoint of step {step} in {self.directory} is damaged ({problem}); moved to {target}, "
               "trying the one before it")
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
-            suffix = 0
-            while target.exists():  # never overwrite an earlier damaged copy
-                suffix += 1
-                target = target.parent / f"{step}.{suffix}"
             (self.directory / str(step)).rename(target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

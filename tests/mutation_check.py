@@ -1,10 +1,12 @@
 """Applies one-line bugs to the reward-to-update path one at a time, runs the tests that should catch
-each, restores the file, and prints which were caught (issues 13 and 14). Not a test itself:
+each, restores the file, and prints which were caught (issues 13, 14, 17 and 32). Not a test itself:
 
     python tests/mutation_check.py [NAME ...]     # all of them, or the named ones
 
 Each mutation is (name, file, the exact text, its replacement, the tests to run); a mutation whose
-text is no longer in the file is reported as stale rather than silently passing.
+text is no longer in the file is reported as stale rather than silently passing. It edits the files
+in place (restored after each): with others at work in the same checkout, run it from a copy of the
+tree (`python /copy/tests/mutation_check.py` mutates /copy).
 """
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 900  # per mutation: far past its tests' time on a busy 2-core machine
 ROLLOUT, LEARNER, TRAIN = "sqlm_jax/rollout.py", "sqlm_jax/learner.py", "sqlm_jax/train.py"
 EVALUATE = "sqlm_jax/evaluate.py"
 E2E = "tests/test_reward_to_update.py"
@@ -22,6 +25,11 @@ RL, REWARDS, DYNAMIC = "sqlm_jax/rl.py", "sqlm_jax/rewards.py", "sqlm_jax/dynami
 TOOLBOX, ROWS = "tests/test_toolbox_losses.py", "tests/test_dynamic_sampling.py"
 SANDBOX, SANDBOX_TESTS = "sqlm_jax/sandbox.py", "tests/test_sandbox.py"
 WAVES = "tests/test_sampling.py::test_rows_in_flight_across_waves_and_narrowed_tails"
+REFILL = "sqlm_jax/refill.py"
+BLOCKS = "tests/test_sampling.py::test_rows_in_flight_on_a_mesh_refill_each_block_and_narrow_its_tail"
+PATHS, EVAL_CLI = "tests/test_config_paths.py", "tests/test_evaluate_cli.py"
+CHECKPOINTS, CKPT_TESTS = "sqlm_jax/checkpoints.py", "tests/test_run_checkpoints.py"
+DAMAGED_AGAIN = CKPT_TESTS + "::test_a_step_damaged_again_is_moved_aside_beside_the_first_copy"
 
 MUTATIONS = [
     ("advantage sign flipped", RL, "broadcast_sequence_advantage(grpo_advantages(rewards, grpo_eps",
@@ -164,6 +172,100 @@ MUTATIONS = [
     ("the step trains on the unfiltered rows", TRAIN, "self.learner.batch(*rows[role]) for role in trained",
      "self.learner.batch(r.sample, r.row_mask, r.rewards) for role, r in rollouts.items() if role in trained",
      [ROWS + "::test_self_play_step_trains_on_the_filtered_rows"]),
+    # issue 32: config fields that must reach the code they name
+    ("model.lora.targets ignored by the config", LORA,
+     'targets=tuple(t.strip() for t in lora_cfg.targets.split(",") if t.strip()))', "targets=tuple(TARGETS))",
+     [LORA_TESTS + "::test_lora_targets_choose_the_adapted_projections",
+      PATHS + "::test_the_field_reaches_the_trainer"]),
+    ("model.lora.targets ignored when attaching", LORA, "        for target in spec.targets:",
+     "        for target in TARGETS:", [LORA_TESTS + "::test_lora_targets_choose_the_adapted_projections"]),
+    ("reward.code_timeout_s not passed to the sandbox", ROLLOUT,
+     "workers=c.sandbox_workers or None, timeout_s=c.code_timeout_s,", "workers=c.sandbox_workers or None,",
+     [MODES + "::test_code_timeout_reaches_the_sandbox"]),
+    ("rl.critic_lr ignored (the critic at the policy's rate)", LEARNER, '{**c.optim, "lr": c.rl.critic_lr}',
+     "{**c.optim}", [E2E + "::test_the_critic_learns_at_its_own_rate"]),
+    ("rl.gamma not passed by the learner", LEARNER, "gamma=rl_cfg.gamma, lam=rl_cfg.lam)",
+     "gamma=1.0, lam=rl_cfg.lam)", [E2E + "::test_gae_discounts_with_the_configs_gamma_and_lambda"]),
+    ("rl.lam not passed by the learner", LEARNER, "gamma=rl_cfg.gamma, lam=rl_cfg.lam)",
+     "gamma=rl_cfg.gamma, lam=1.0)", [E2E + "::test_gae_discounts_with_the_configs_gamma_and_lambda"]),
+    ("gamma and lam dropped in compute_advantages", RL, "return gae_advantages(outcome, values, mask, gamma, lam)",
+     "return gae_advantages(outcome, values, mask)", [E2E + "::test_gae_discounts_with_the_configs_gamma_and_lambda"]),
+    ("rl.ppo_epochs left out of the schedule's length", LEARNER,
+     "return int(c.train.steps * c.rl.ppo_epochs * (solver + proposer)) + 1",
+     "return int(c.train.steps * (solver + proposer)) + 1", [PATHS + "::test_a_run_lasts_its_updates_epochs_included"]),
+    ("rl.grpo_eps not passed by the learner", LEARNER, "grpo_eps=rl_cfg.grpo_eps,", "grpo_eps=1e-6,",
+     [ROWS + "::test_the_learner_uses_the_chosen_estimator"]),
+    # issue 32: values where the bug would hide
+    ("LoRA scale alpha / sqrt(r)", LORA, "self.scale = spec.alpha / r", "self.scale = spec.alpha / math.sqrt(r)",
+     [LORA_TESTS + "::test_adapter_scale_is_alpha_over_rank_at_rank_4"]),
+    ("bootstrap interval at 90%", EVALUATE, "level: float = 0.95", "level: float = 0.90",
+     [EVAL_CLI + "::test_bootstrap_interval_is_the_95_percent_one"]),
+    ("bootstrap interval's quantiles one-sided", EVALUATE, "[(1 - level) / 2, (1 + level) / 2]",
+     "[1 - level, level]", [EVAL_CLI + "::test_bootstrap_interval_is_the_95_percent_one"]),
+    ("eval.sampled_problems=0 samples no problem", EVALUATE, "problems[:eval_cfg.sampled_problems or None]",
+     "problems[:eval_cfg.sampled_problems]", [EVAL_CLI + "::test_sampled_evaluation_covers_eval_sampled_problems"]),
+    # issue 32: slot refill on a mesh of several row blocks
+    ("a block narrows while another has rows in flight", REFILL, "jnp.all(s.active.sum(axis=1) <= narrow)",
+     "jnp.any(s.active.sum(axis=1) <= narrow)", [BLOCKS]),
+    ("a block's next row counted over every block", REFILL, "pending=s.pending + take.sum(axis=1, dtype=jnp.int32)",
+     "pending=s.pending + take.sum(dtype=jnp.int32)", [BLOCKS]),
+    ("every block's rows draw block 0's streams", REFILL,
+     "offset = per_block * n * jnp.arange(d, dtype=jnp.int32) + index * g * n",
+     "offset = 0 * jnp.arange(d, dtype=jnp.int32) + index * g * n", [BLOCKS]),
+    # issue 32: dynamic sampling's bookkeeping
+    ("invalid questions counted as dropped and refilled", DYNAMIC, "dropped = _in_loss(r, n) & _zero_variance(r)",
+     "dropped = _zero_variance(r)", [ROWS + "::test_invalid_questions_are_neither_dropped_nor_refilled"]),
+    ("extra rounds' proposer tokens not counted", DYNAMIC,
+     "extra_tokens += proposer.generated_tokens + solver.generated_tokens",
+     "extra_tokens += solver.generated_tokens",
+     [ROWS + "::test_dropped_groups_refilled_in_order_within_the_budget",
+      ROWS + "::test_throughput_counts_the_extra_rounds_tokens"]),
+    ("extra rounds' tokens left out of the throughput", TRAIN,
+     "tokens = solver.generated_tokens + proposer.generated_tokens + extra_tokens",
+     "tokens = solver.generated_tokens + proposer.generated_tokens",
+     [ROWS + "::test_throughput_counts_the_extra_rounds_tokens"]),
+    # issue 32: the rest
+    ("a damaged copy overwritten by the next", CHECKPOINTS, "while target.exists():  # never overwrite",
+     "while False:  # never overwrite", [DAMAGED_AGAIN]),
+    ("a third damaged copy onto the second", CHECKPOINTS, "while target.exists():  # never overwrite",
+     "if target.exists():  # never overwrite", [DAMAGED_AGAIN]),
+    ("safetensors shard past its cap", "sqlm_jax/models/hf.py", "if current and size + array.nbytes > max_shard_bytes:",
+     "if current and size > max_shard_bytes:",
+     ["tests/test_models.py::test_exported_shards_stay_under_the_cap_and_are_filled_in_order"]),
+    ("plan: critic without its optimizer moments", "sqlm_jax/plan.py", 'Row("critic", "resident", 3 * weights,',
+     'Row("critic", "resident", 1 * weights,', ["tests/test_plan_critic.py"]),
+    ("plan: no critic row", "sqlm_jax/plan.py", 'if config.rl.advantage == "gae":\n        rows.append(Row("critic"',
+     'if False:\n        rows.append(Row("critic"', ["tests/test_plan_critic.py"]),
+    ("a row's steps share one draw", "sqlm_jax/sampling.py",
+     "step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(steps, keys.shape))", "step_keys = keys",
+     ["tests/test_sampling.py::test_each_step_draws_fresh_randomness"]),
+    ("a full disk's writer reports on the console", CHECKPOINTS, 'if os.environ.get("SQLM_JAX_DEBUG"):  #',
+     "if True:  #", [CKPT_TESTS + "::test_a_run_on_a_full_disk_ends_with_one_error_line"]),
+    # issue 32, item 2: more config fields on their way to the code (tests/test_config_paths.py)
+    ("model.remat not passed to the model", TRAIN, "compute_dtype=c.model.compute_dtype, remat=c.model.remat)",
+     "compute_dtype=c.model.compute_dtype, remat=False)", [PATHS + "::test_the_field_reaches_the_trainer"]),
+    ("checkpoint.keep ignored", TRAIN, "Checkpointer(self.workdir.checkpoints, keep=c.checkpoint.keep)",
+     "Checkpointer(self.workdir.checkpoints, keep=3)", [PATHS + "::test_the_field_reaches_the_trainer"]),
+    ("rollout.top_p ignored", ROLLOUT, "top_p=float(r.top_p)", "top_p=1.0",
+     [PATHS + "::test_the_field_reaches_the_trainer"]),
+    ("rollout.rows_in_flight ignored", ROLLOUT, "rows_in_flight=int(r.rows_in_flight))", "rows_in_flight=0)",
+     [PATHS + "::test_the_field_reaches_the_trainer"]),
+    ("eval.seed ignored", TRAIN, "heldout = self.task.heldout_problems(c.eval.num_problems, c.eval.seed)",
+     "heldout = self.task.heldout_problems(c.eval.num_problems, 1234)",
+     [PATHS + "::test_the_heldout_set_is_the_configs"]),
+    ("optim.b2 ignored", STEP, "b2=optim_cfg.b2,", "b2=0.999,", [PATHS + "::test_adamw_of_every_optim_field_by_hand"]),
+    ("optim.warmup_steps ignored by the cosine schedule", STEP,
+     "warmup_cosine_decay_schedule(0.0, optim_cfg.lr, optim_cfg.warmup_steps,",
+     "warmup_cosine_decay_schedule(0.0, optim_cfg.lr, 0,",
+     [PATHS + "::test_schedule_and_warmup_set_each_updates_rate"]),
+    ("rl.entropy_coef dropped in LossConfig.from_config", STEP, "entropy_coef=rl_cfg.entropy_coef,",
+     "entropy_coef=0.0,", [PATHS + "::test_loss_knobs_reach_the_loss_config"]),
+    ("rl.loss_agg_chunk ignored", STEP, "chunk=rl_cfg.loss_agg_chunk)", "chunk=8)",
+     [PATHS + "::test_loss_knobs_reach_the_loss_config"]),
+    ("rl.shared_prompt_pass ignored", LEARNER, "if not self.config.rl.shared_prompt_pass:", "if False:",
+     [PATHS + "::test_the_field_reaches_the_trainer"]),
+    ("reward.sandbox_workers ignored", ROLLOUT, "workers=c.sandbox_workers or None,", "workers=None,",
+     [MODES + "::test_code_timeout_reaches_the_sandbox"]),
 ]
 
 
@@ -175,7 +277,9 @@ def check(name, file, old, new, tests) -> str:
     path.write_text(text.replace(old, new))
     try:
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                             cwd=ROOT, capture_output=True, text=True)
+                             cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # a bug that loops forever is caught too
+        return f"caught (hung past {TIMEOUT_S} s)"
     finally:
         path.write_text(text)
     return "caught" if run.returncode else "NOT CAUGHT"

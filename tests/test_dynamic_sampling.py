@@ -31,14 +31,19 @@ class Rounds:
              102, 104,    # round 1: solver groups 0, 2 fill places 0, 2; proposer group (0, 1) fills place 3
              209}         # round 2: solver group 7 fills place 4; later rounds: nothing to refill with
 
+    INVALID = set()  # (round, row) of proposals with no question (whitespace: arithmetic's only invalid one)
+
     def __init__(self):
-        self.round, self.calls, self.seeds = -1, 0, []
+        self.round, self.calls, self.seeds, self.tokens = -1, 0, [], []
 
     def __call__(self, prompt: str, row: int) -> str:
         if SOLVER_CUE not in prompt:
             self.round += row == 0
-            return f"{100 * self.round + row + 2}*3"
-        x = int(re.findall(r"(\d+)\*3", prompt)[-1])
+            return "  " if (self.round, row) in self.INVALID else f"{100 * self.round + row + 2}*3"
+        found = re.findall(r"(\d+)\*3", prompt)
+        if not found:
+            return "no answer"
+        x = int(found[-1])
         return "no answer" if x in self.SPLIT and row % 2 else f"<answer>{x}</answer>"
 
 
@@ -49,7 +54,9 @@ def _trainer(policy_folder, tmp_path, monkeypatch, script, **options):
     def counted(*args, **kwargs):
         script.calls += 1
         script.seeds.append(kwargs["seed"])
-        return base(*args, **kwargs)
+        out = base(*args, **kwargs)
+        script.tokens.append(sum(map(len, out.token_lists)))  # the tokens this call generated
+        return out
 
     monkeypatch.setattr(rollout, "sample", counted)
     c = rewarded_run_config(policy_folder, tmp_path / "run")
@@ -84,7 +91,8 @@ def test_dropped_groups_refilled_in_order_within_the_budget(policy_folder, tmp_p
     assert metrics["dynamic_sampling/solver_masked"] == solver_masked / 8
     assert metrics["dynamic_sampling/proposer_masked"] == (0 if budget else 1 / 4)
     assert metrics["zero_variance/solver"] == 5 / 8 and metrics["zero_variance/proposer"] == 1 / 4
-    assert (extra_tokens > 0) == (budget > 0)
+    # Every token the extra rounds generated, the proposer's as well as the solver's, counts.
+    assert extra_tokens == sum(script.tokens[2:]) and (extra_tokens > 0) == (budget > 0)
 
     # Each place's question (round 0 unless refilled), its answers and its prompt travel together.
     fills = {1: {0: 102, 2: 104}, 2: {0: 102, 2: 104, 4: 209}}.get(min(budget, 2), {})
@@ -110,6 +118,32 @@ def test_dropped_groups_refilled_in_order_within_the_budget(policy_folder, tmp_p
     np.testing.assert_array_equal(batch.response_mask, mask)
     advantages = np.asarray(batch.advantages)[:, 0].reshape(-1, 2)
     np.testing.assert_allclose(advantages, [[0.7071, -0.7071] if s else [0, 0] for s in split], atol=1e-4)
+
+
+def test_invalid_questions_are_neither_dropped_nor_refilled(policy_folder, tmp_path, monkeypatch):
+    """invalid_proposals='keep', round 0's first proposal blank (no question): its answers are out of the
+    solver loss already, with rewards [0, 0]. Dynamic sampling counts 4 of the 8 solver groups dropped
+    (x = 4, 6, 8, 9), not 5, and round 1's two usable groups (102, 104) fill places 2 and 4, not the
+    invalid question's place 0, which stays out of the loss."""
+    script = Rounds()
+    script.INVALID = {(0, 0)}
+    trainer, tokenizer = _trainer(policy_folder, tmp_path, monkeypatch, script, rl__filter_zero_variance=True,
+                                  rollout__max_extra_batches=1, reward__invalid_proposals="keep")
+    scored = _first_round(trainer)
+    assert scored["solver"].questions[0] is None and not scored["solver"].row_mask[:2].any()
+    rows, metrics, _ = dynamic_sampling.step_rows(trainer.rollouts, trainer.learner.policy, 0, scored,
+                                                  ["proposer", "solver"])
+    assert metrics["dynamic_sampling/solver_dropped"] == 4 / 8
+    assert metrics["dynamic_sampling/solver_masked"] == 2 / 8  # places 6 and 7: nothing left to fill them
+    solver = rows["solver"]
+    prompts = [tokenizer.hf.decode(p[m]) for p, m in zip(solver.sample.prompt_tokens, solver.sample.prompt_mask)]
+    questions = [(re.findall(r"(\d+)\*3", prompts[2 * g]) or [None])[-1] for g in range(8)]
+    assert questions == [None, "3", "102", "5", "104", "7", "8", "9"]
+    np.testing.assert_array_equal(solver.row_mask, np.repeat([False, True, True, True, True, True, False, False], 2))
+    np.testing.assert_array_equal(solver.rewards[0], [0, 0])
+    # The proposer's blank proposal stays in its loss ('keep': a format penalty, reward 0).
+    assert metrics["dynamic_sampling/proposer_dropped"] == 1 / 4
+    np.testing.assert_array_equal(rows["proposer"].rewards[0], [0, 1])
 
 
 def test_filter_off_leaves_the_rows_as_scored(policy_folder, tmp_path, monkeypatch):
@@ -230,12 +264,26 @@ def test_self_play_step_trains_on_the_filtered_rows(policy_folder, tmp_path, mon
     assert metrics["reward/solver"] == 13 / 16  # what the step reports is its first round, all of it
 
 
-@pytest.mark.parametrize("advantage, scale_by_std, split_group", [
-    ("grpo", True, [0.7071, -0.7071]), ("grpo", False, [0.5, -0.5]), ("rloo", True, [1.0, -1.0])])
-def test_the_learner_uses_the_chosen_estimator(policy_folder, tmp_path, monkeypatch, advantage, scale_by_std,
+def test_throughput_counts_the_extra_rounds_tokens(policy_folder, tmp_path, monkeypatch):
+    """A step with one extra round: throughput/generated_tokens_per_s is every token the sampler
+    generated in the step (4 calls: propose and solve, twice) over the step's time."""
+    script = Rounds()
+    trainer, _ = _trainer(policy_folder, tmp_path, monkeypatch, script, rl__filter_zero_variance=True,
+                          rollout__max_extra_batches=1)
+    trainer.learner.update = lambda batch, *, actor=True, critic=True: {}  # no update compiled
+    metrics = trainer.self_play_step(1)
+    assert script.calls == 4
+    seconds = sum(v for k, v in metrics.items() if k.startswith("time/"))
+    assert metrics["throughput/generated_tokens_per_s"] * seconds == pytest.approx(sum(script.tokens), rel=1e-9)
+
+
+@pytest.mark.parametrize("advantage, scale_by_std, eps, split_group", [
+    ("grpo", True, 1e-6, [0.7071, -0.7071]), ("grpo", False, 1e-6, [0.5, -0.5]), ("rloo", True, 1e-6, [1.0, -1.0]),
+    ("grpo", True, 1.0, [0.2929, -0.2929])])  # rl.grpo_eps = 1: ±0.5 / (0.7071 + 1)
+def test_the_learner_uses_the_chosen_estimator(policy_folder, tmp_path, monkeypatch, advantage, scale_by_std, eps,
                                                split_group):
     trainer, _ = _trainer(policy_folder, tmp_path, monkeypatch, Rounds(), rl__advantage=advantage,
-                          rl__grpo_scale_by_std=scale_by_std)
+                          rl__grpo_scale_by_std=scale_by_std, rl__grpo_eps=eps)
     solver = _first_round(trainer)["solver"]
     batch = trainer.learner.batch(solver.sample, solver.row_mask, solver.rewards)
     split = [x in Rounds.SPLIT for x in range(2, 10)]

@@ -2,6 +2,7 @@
 training command, and the held-out metrics' pieces on hand-worked numbers (the CLI against a real run's
 export: tests/test_tiny_config.py)."""
 import ast
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sqlm_jax.evaluate import EvalResult, bootstrap_interval, drop_overlong, heldout_report
+from sqlm_jax import evaluate as evaluate_module
+from sqlm_jax.defaults import base_config
+from sqlm_jax.evaluate import EvalResult, bootstrap_interval, drop_overlong, evaluate_heldout, heldout_report
 from sqlm_jax.rollout import solver_prompts
 from sqlm_jax.tasks import Question, get_task
 from sqlm_jax.tokenizer import load_tokenizer
@@ -89,9 +92,23 @@ def test_heldout_report_by_hand():
         mean, low, high = report[name]
         assert mean == pytest.approx(value) and 0 <= low <= mean <= high <= 1, name
     assert bootstrap_interval([0.5] * 10) == (0.5, 0.5)
-    # 1000 problems at p = .7: the 95% interval is about .7 ± 1.96 · sqrt(.21 / 1000) = .7 ± .028.
-    low, high = bootstrap_interval(np.arange(1000) % 10 < 7)
-    assert low == pytest.approx(0.7 - 0.028, abs=0.006) and high == pytest.approx(0.7 + 0.028, abs=0.006)
+
+
+def _binomial_mean_quantile(n: int, p: float, q: float) -> float:
+    """The q-quantile of the mean of n draws of a coin of bias p (exact, from the binomial CDF)."""
+    cdf = np.cumsum([math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(n + 1)])
+    return int(np.searchsorted(cdf, q)) / n
+
+
+def test_bootstrap_interval_is_the_95_percent_one():
+    """1000 problems, 700 right: a resample's mean is Binomial(1000, .7) / 1000, whose 2.5% and 97.5%
+    quantiles are .671 and .728; a 90% interval would be (.676, .724). The 1000 resamples of the
+    (fixed) seed land within .0015 of the exact ends."""
+    values = np.arange(1000) % 10 < 7
+    for level, interval in ((None, (0.025, 0.975)), (0.9, (0.05, 0.95))):
+        got = bootstrap_interval(values) if level is None else bootstrap_interval(values, level=level)
+        want = [_binomial_mean_quantile(1000, 0.7, q) for q in interval]
+        np.testing.assert_allclose(got, want, atol=0.0015, err_msg=f"level {level or 'default'}")
 
 
 def test_overlong_heldout_prompts_are_dropped_and_counted(tmp_path):
@@ -104,3 +121,26 @@ def test_overlong_heldout_prompts_are_dropped_and_counted(tmp_path):
     assert lengths[1] > limit
     assert kept == [problems[0], problems[2]] and dropped == 1
     assert drop_overlong(tokenizer, task, problems, 0) == (problems, 0)
+
+
+
+@pytest.mark.parametrize("sampled_problems", [0, 2])
+def test_sampled_evaluation_covers_eval_sampled_problems(monkeypatch, sampled_problems):
+    """eval.sampled_problems=0, the default, means every held-out problem: all 5 are sampled n = 2
+    times besides the greedy pass; 2 means the first 2. (The model's part is stubbed: what is checked
+    is which problems each pass gets, and how.)"""
+    assert base_config().eval.sampled_problems == 0
+    calls = []
+
+    def evaluate(model, tokenizer, task, problems, *, greedy=True, n=1, **kwargs):
+        calls.append((list(problems), greedy, n, kwargs["max_new_tokens"], kwargs["batch_size"]))
+        return EvalResult(0.0, np.zeros((len(problems), n)), [["r"] * n for _ in problems])
+
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluate)
+    problems = get_task("arithmetic").heldout_problems(5, seed=0)
+    eval_cfg = base_config().eval
+    eval_cfg.sampled_problems, eval_cfg.max_new_tokens, eval_cfg.batch_size = sampled_problems, 7, 3
+    greedy, sampled = evaluate_heldout(None, None, None, problems, eval_cfg, n=2, seed=0)
+    count = sampled_problems or len(problems)
+    assert calls == [(problems, True, 1, 7, 3), (problems[:count], False, 2, 7, 3)]
+    assert greedy.scores.shape == (5, 1) and sampled.scores.shape == (count, 2)

@@ -37,6 +37,25 @@ def test_adapter_by_hand():
     np.testing.assert_array_equal(adapter.merged(weight[...]), [[3.0, 1.0, -1.0], [5.0, 1.0, -3.0]])
 
 
+def test_adapter_scale_is_alpha_over_rank_at_rank_4():
+    """r = 4, alpha = 8: scale 2 (alpha / sqrt(r), rsLoRA's, would be 4; at r = 1 the two agree)."""
+    weight = nnx.Param(jnp.zeros((2, 3)), axes=("mlp", "embed"))
+    adapter = LoRA(weight, 1, LoraSpec(rank=4, alpha=8.0), nnx.Rngs(0))
+    adapter.a.set_value(jnp.ones((2, 4)))
+    adapter.b.set_value(jnp.full((4, 3), 0.5))
+    # x·A = [3, 3, 3, 3] (x = [1, 2]), times 2 = 6 each, times B = 4 · 6 · 0.5 = 12.
+    np.testing.assert_array_equal(adapter(jnp.array([[1.0, 2.0]])), [[12.0, 12.0, 12.0]])
+    np.testing.assert_array_equal(adapter.merged(weight[...]), np.full((2, 3), 4.0))  # 2 · 4 · 0.5
+
+
+def test_lora_targets_choose_the_adapted_projections(tiny_folder):
+    """model.lora.targets="qkv,o": the learner trains adapters on the attention projections alone."""
+    learner, _, _ = _learner(tiny_folder, rank=2, targets="qkv,o")
+    flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(learner.state.params)}
+    assert sorted(flat) == [f"layers.{i}.attn.lora_{t}.{m}" for i in range(2) for t in ("o", "qkv") for m in "ab"]
+    assert all(flat[p].shape[-1] == 2 for p in flat if p.endswith(".a"))  # rank 2
+
+
 def test_adapted_model_starts_as_its_base_and_exports_merged(tmp_path):
     folder, _ = make_checkpoint(tmp_path, "qwen2")
     model, cfg = load_pretrained(folder)
@@ -68,11 +87,13 @@ def tiny_folder(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("lora"), "qwen2")[0]
 
 
-def _learner(folder, rank: int):
+def _learner(folder, rank: int, targets: str | None = None):
     """A Learner of the tiny run config on one device (so the reduction order is fixed), KL on, a large
     learning rate so that one update visibly moves the adapters."""
     c = tiny_run_config(folder, "/unused")
     c.model.lora.rank, c.rl.kl_coef, c.optim.lr = rank, 0.05, 1e-2
+    if targets is not None:
+        c.model.lora.targets = targets
     mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
     model, _ = load_pretrained(folder, mesh=mesh)
     graphdef, params = nnx.split(model)

@@ -129,6 +129,26 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path, family, shar
     assert cfg2 == cfg
 
 
+def test_exported_shards_stay_under_the_cap_and_are_filled_in_order(tmp_path):
+    """max_shard_bytes=30,000: every shard's tensors take at most 30,000 bytes, and a shard closes only
+    when the next tensor would pass the cap (the next shard's first tensor would not have fitted); the
+    index names every tensor once, in files model-0000i-of-0000k.safetensors."""
+    folder, _ = make_checkpoint(tmp_path / "src", "qwen3")
+    model, cfg = load_pretrained(folder)
+    out = save_pretrained(model, cfg, tmp_path / "export", max_shard_bytes=30_000)
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(set(weight_map.values()))
+    assert files == [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    assert len(files) > 3 and sorted(weight_map) == sorted(load_file(folder / "model.safetensors"))
+    shards = [load_file(out / name) for name in files]
+    sizes = [sum(t.nbytes for t in shard.values()) for shard in shards]
+    assert max(sizes) <= 30_000, sizes
+    # The index lists the tensors in the order written: each shard's first.
+    firsts = [next(name for name, file in weight_map.items() if file == f) for f in files]
+    for shard_bytes, following, first in zip(sizes, shards[1:], firsts[1:]):
+        assert shard_bytes + following[first].nbytes > 30_000, (sizes, first)
+
+
 def test_export_replaces_an_existing_folder_but_keeps_tokenizer_files(tmp_path):
     folder, _ = make_checkpoint(tmp_path / "src", "qwen2")
     model, cfg = load_pretrained(folder)

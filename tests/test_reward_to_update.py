@@ -39,13 +39,14 @@ def policy_folder(tmp_path_factory):
     return random_policy(tmp_path_factory.mktemp("policy") / "model")
 
 
-def _trainer(policy_folder, tmp_path, monkeypatch, **rl):
+def _trainer(policy_folder, tmp_path, monkeypatch, optim=None, **rl):
     monkeypatch.setattr(rollout, "sample", scripted_sample(load_tokenizer(policy_folder), script))
     c = rewarded_run_config(policy_folder, tmp_path / "run")
     c.rollout.batch_size, c.rollout.n, c.rl.mini_batch_size = 2, 4, 2  # the proposer batch: one update
     # The gradient norm is ~1: clipping at 0.5 is active, so the update depends on it too.
     c.rl.kl_coef, c.optim.lr, c.optim.grad_clip = 0.05, 1e-3, 0.5
     c.rl.update(rl)
+    c.optim.update(optim or {})
     return Trainer(c)
 
 
@@ -158,3 +159,58 @@ def test_gae_places_the_outcome_on_the_last_token_and_whitens_the_rows_in_the_lo
         np.testing.assert_allclose(np.asarray(batch.returns)[mask], np.broadcast_to(rewards[:, None], mask.shape)[mask],
                                    atol=1e-6)
         assert not np.asarray(batch.advantages)[~mask].any()
+
+
+def _gae_by_hand(rewards, values, mask, gamma, lam):
+    """Row by row, backwards from the last response token (the outcome reward R there, V = 0 past it):
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}; returns A + V; then A
+    whitened over the tokens in the loss."""
+    advantages, returns = np.zeros(mask.shape), np.zeros(mask.shape)
+    for i, row in enumerate(mask):
+        length = int(row.sum())
+        next_value = next_advantage = 0.0
+        for t in reversed(range(length)):
+            delta = (rewards[i] if t == length - 1 else 0.0) + gamma * next_value - values[i, t]
+            advantages[i, t] = next_advantage = delta + gamma * lam * next_advantage
+            returns[i, t], next_value = advantages[i, t] + values[i, t], values[i, t]
+    raw = advantages[mask]
+    advantages[mask] = (raw - raw.mean()) / np.sqrt(raw.var(ddof=1) + 1e-8)
+    return advantages, returns
+
+
+def test_gae_discounts_with_the_configs_gamma_and_lambda(policy_folder, tmp_path, monkeypatch):
+    """rl.gamma = 0.5, rl.lam = 0.8 (not the reference's 1 and 1): the learner's advantages and returns
+    are GAE's with these, by hand; with 1 and 1 every token's return would be R."""
+    trainer = _trainer(policy_folder, tmp_path, monkeypatch, advantage="gae", use_kl=False, gamma=0.5, lam=0.8)
+    learner = trainer.learner
+    state = learner.critic_state
+    learner.critic_state = state.replace(params=jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 if "value_head" in jax.tree_util.keystr(path) else x, state.params))
+    proposer, _ = _scored(trainer)
+    batch = learner.batch(proposer.sample, proposer.row_mask, proposer.rewards)
+    mask, values = np.asarray(proposer.sample.mask), np.asarray(batch.old_values)
+    advantages, returns = _gae_by_hand(np.ravel(PROPOSER_REWARDS), values, mask, 0.5, 0.8)
+    np.testing.assert_allclose(np.asarray(batch.advantages), advantages, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(batch.returns), returns, rtol=1e-5, atol=1e-6)
+    assert np.abs(returns[mask] - np.broadcast_to(np.ravel(PROPOSER_REWARDS)[:, None], mask.shape)[mask]).max() > 0.1
+
+
+def test_the_critic_learns_at_its_own_rate(policy_folder, tmp_path, monkeypatch):
+    """rl.critic_lr = 3e-3, the policy's optim.lr = 1e-2 (Adam's eps 1e-8, no weight decay): Adam's
+    first step moves each weight by the learning rate times g / (|g| + eps), so the value head (the
+    only part of the critic with a gradient at first: it starts at zero) moves by 3e-3 wherever its
+    gradient is not tiny; at the policy's rate it would move by 1e-2."""
+    trainer = _trainer(policy_folder, tmp_path, monkeypatch, optim=dict(eps=1e-8, lr=1e-2, weight_decay=0.0),
+                       advantage="gae", use_kl=False, critic_lr=3e-3)
+    learner = trainer.learner
+    proposer, _ = _scored(trainer)
+    batch = learner.batch(proposer.sample, proposer.row_mask, proposer.rewards)
+    critic_before = jax.tree.map(np.asarray, learner.critic_state.params)
+    policy_before = jax.tree.map(np.asarray, learner.state.params)
+    learner.update(batch, actor=False)
+    head = lambda params: next(np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)
+                               if "value_head" in jax.tree_util.keystr(p))
+    moved = np.abs(head(learner.critic_state.params) - head(critic_before))
+    assert moved.max() == pytest.approx(3e-3, rel=1e-3) and np.median(moved) == pytest.approx(3e-3, rel=1e-2)
+    for got, want in zip(jax.tree.leaves(learner.state.params), jax.tree.leaves(policy_before)):
+        np.testing.assert_array_equal(got, want)  # the critic's update leaves the policy alone

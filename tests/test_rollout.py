@@ -1,5 +1,7 @@
 """The host side of a step (rollout.Rollouts) on hand-worked cases: every reward.invalid_proposals
 mode, left truncation of long solver prompts, programs that are never run, dataset questions."""
+import time
+
 import numpy as np
 import pytest
 
@@ -99,6 +101,27 @@ def test_programs_missing_or_without_tests_run_nothing_and_score_0(tokenizer, mo
     np.testing.assert_array_equal(solver.rewards, [[0, 1], [0, 0]])
     np.testing.assert_array_equal(proposer.rewards, [[1, 0]])  # 0 < mean .5 < 1; mean 0
     assert solver.metrics["answers/parsed"] == 0.75
+
+
+def test_code_timeout_reaches_the_sandbox(tokenizer, monkeypatch):
+    """reward.code_timeout_s=1: a program that answers after 3 s times out and scores 0 (under the
+    sandbox's own 10 s it would pass); one that answers at once passes. The real sandbox (isolated
+    where bubblewrap can, as a run does, else the unisolated fallback, allowed here), given the
+    reward section's workers and fallback too."""
+    calls, run_many = [], sandbox.run_many
+    monkeypatch.setattr(sandbox, "run_many", lambda jobs, **kw: calls.append(kw) or run_many(jobs, **kw))
+    rollouts = _rollouts(tokenizer, task="coding", code_timeout_s=1.0, allow_unisolated_sandbox=True,
+                         sandbox_workers=3)
+    proposals = ["Echo the number.\nTest Cases:\n5 ||| 5\n", "Print the sum, no tests given."]
+    answers = ["```python\nprint(input())\n```", "```python\nimport time\ntime.sleep(3)\nprint(input())\n```",
+               "none", "none"]
+    start = time.monotonic()
+    _, solver = _score(rollouts, proposals, answers)
+    np.testing.assert_array_equal(solver.rewards, [[1, 0], [0, 0]])
+    assert solver.metrics["sandbox/timeout"] == 0.5 and solver.metrics["sandbox/passed"] == 0.5
+    assert time.monotonic() - start < 2.9  # the sleeper was stopped, not waited for
+    assert [(kw["timeout_s"], kw["workers"], kw["config"].allow_unisolated_fallback) for kw in calls] == \
+        [(1.0, 3, True)]
 
 
 def test_ground_truth_rewards_score_the_labels(tokenizer):

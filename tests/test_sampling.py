@@ -233,3 +233,43 @@ def test_rows_in_flight_on_a_mesh(checkpoint, prompts):
     knobs = dict(max_new_tokens=10, n=2, seed=2, stop_ids=(5, 7, 11))
     ours = sampling.generate(sharded, prompts, mesh=mesh, rows_in_flight=8, **knobs)
     assert ours.token_lists == sampling.generate(single, prompts, **knobs).token_lists
+
+
+def test_rows_in_flight_on_a_mesh_refill_each_block_and_narrow_its_tail(checkpoint):
+    """16 prompts x n = 2 on a mesh of 4 row blocks (data 2 x fsdp 2), 16 rows in flight: each block's
+    4 slots take its own 8 rows as others stop (slot refill, not the static batch: 16 < 32 rows), and
+    its tail narrows to 1 slot once no block has a row pending and none more than 1 active. Row for
+    row, the tokens and log-probs of every row at once on one device, at temperature 1."""
+    folder, _, single = checkpoint
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded, _ = load_pretrained(folder, mesh=mesh)
+    rng = np.random.RandomState(2)
+    many = [rng.randint(1, 97, rng.randint(2, 12)).tolist() for _ in range(16)]
+    knobs = dict(max_new_tokens=12, n=2, temperature=1.0, seed=6, stop_ids=(5, 7, 11, 13, 17))
+    assert refill.batch_shards(mesh, len(many)) == 4 and 0 < 16 < len(many) * 2  # the refill path, 4 blocks
+    assert max(1, 16 // 4 // refill.TAIL_SHRINK) < 16 // 4  # 4 slots a block, a tail of 1
+    ours = sampling.generate(sharded, many, mesh=mesh, rows_in_flight=16, **knobs)
+    every = sampling.generate(single, many, **knobs)
+    lengths = [len(t) for t in every.token_lists]
+    blocks = [sorted(lengths[8 * b:8 * b + 8]) for b in range(4)]
+    assert len({tuple(b) for b in blocks}) == 4 and len(set(lengths)) > 4  # each block's rows end their own way
+    assert ours.token_lists == every.token_lists
+    np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(every.tokens))
+    np.testing.assert_allclose(np.asarray(ours.logprobs), np.asarray(every.logprobs), atol=1e-5)
+
+
+def test_each_step_draws_fresh_randomness(checkpoint, prompts):
+    """A model whose next-token distribution is uniform (lm_head zeroed: every logit 0) over 97 tokens,
+    8 rows of 24 tokens at temperature 1: each token has log-prob -log 97, a row repeats a token only as
+    often as independent draws do (~3 of 24), and no two rows are alike. Were the steps of a row to
+    reuse one draw, every row would be one token 24 times."""
+    model = load_pretrained(checkpoint[0])[0]
+    model.lm_head.set_value(jnp.zeros_like(model.lm_head[...]))
+    out = sampling.generate(model, prompts, max_new_tokens=24, n=2, seed=7)
+    tokens = np.asarray(out.tokens)
+    np.testing.assert_allclose(np.asarray(out.logprobs), -np.log(97), rtol=1e-5)
+    distinct = [len(set(row)) for row in tokens.tolist()]
+    assert min(distinct) >= 16, distinct  # expected 97 · (1 - (96/97)^24) ≈ 21.3
+    assert len({tuple(row) for row in tokens.tolist()}) == len(tokens)
+    counts = np.bincount(tokens.ravel(), minlength=97)  # 192 draws over 97 tokens
+    assert counts.max() <= 9, counts.max()

@@ -113,20 +113,44 @@ print(evaluate(model, tokenizer, task, task.heldout_problems(s["eval"]["num_prob
 
 
 # ------------------------------------------------------------------------- the installed package
+def _site_dirs() -> list[str]:
+    """The directories the running interpreter imports installed packages from (its site-packages, a
+    virtualenv's and its base's if it sees them, the user's), not the checkout."""
+    return [p for p in sys.path if os.path.basename(p.rstrip(os.sep)) in ("site-packages", "dist-packages")
+            and os.path.isdir(p) and Path(p).resolve() != ROOT]
+
+
 @pytest.fixture(scope="module")
 def installed_python(tmp_path_factory) -> Path:
     """The python of a virtualenv holding a non-editable install of this checkout. Its dependencies
-    come from the test environment (system site-packages) so that no test needs the network;
+    are the test environment's own, whatever interpreter runs pytest: a .pth file puts the running
+    interpreter's site directories on the virtualenv's path, after its own (`--system-site-packages`
+    would give the packages of the virtualenv's base interpreter instead, which lack jax when pytest
+    runs from a virtualenv). No network: the checkout is built with the setuptools already here.
     .ci/run checks a fresh install with nothing else in it."""
     venv = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
-                   check=True, capture_output=True)
-    where = subprocess.run([str(python), "-c", "import sqlm_jax; print(sqlm_jax.__file__)"], cwd=venv,
-                           capture_output=True, text=True, check=True).stdout
-    assert where.startswith(str(venv)), f"the checkout, not the installed copy, was imported: {where}"
+    site_packages = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   capture_output=True, text=True, check=True).stdout.strip()
+    # Plain paths, so the .pth files there are not run: the checkout's editable install stays out.
+    (Path(site_packages) / "test_environment.pth").write_text("\n".join(_site_dirs()) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", site_packages, str(ROOT)], check=True, capture_output=True)
+    where = subprocess.run([str(python), "-c", "import jax, sqlm_jax.train; print(sqlm_jax.__file__)"], cwd=venv,
+                           env=_env(), capture_output=True, text=True)
+    assert where.returncode == 0, where.stderr[-3000:]
+    assert where.stdout.startswith(str(venv)), f"the checkout, not the installed copy, was imported: {where.stdout}"
     return python
+
+
+def test_the_installed_package_imports_its_dependencies(installed_python, tmp_path):
+    """The virtualenv's python finds jax, flax, orbax and transformers, and this package's installed copy
+    with its shipped configs, from a folder that is not the checkout."""
+    out = subprocess.run([str(installed_python), "-c", "import flax, orbax.checkpoint, transformers; "
+                          "from sqlm_jax import configs; print(configs.get('tiny').task)"],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "arithmetic", out.stderr[-3000:]
 
 
 def _env(**extra):

@@ -45,6 +45,9 @@ def test_two_steps_per_option_family(policy_folder, tmp_path, family):
             assert 0 <= s["dynamic_sampling/solver_extra_batches"] <= 2
             assert s["dynamic_sampling/solver_masked"] <= s["dynamic_sampling/solver_dropped"]
             assert "time/refill" in s
+        # The path named: groups were dropped and extra rounds sampled to refill them.
+        assert any(s["dynamic_sampling/solver_dropped"] > 0 and s["dynamic_sampling/solver_extra_batches"] > 0
+                   for s in steps), steps
 
 
 def test_a_time_budget_ends_the_run_like_its_last_step(policy_folder, tmp_path):
