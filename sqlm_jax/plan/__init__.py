@@ -45,7 +45,7 @@ from sqlm_jax.train_step import chunk_positions
 # Kept free for XLA's scratch buffers, fragmentation and the runtime: a plan that uses the last few
 # percent of HBM on paper fails at compile time in practice.
 HEADROOM = 0.10
-_BUNDLED_CONFIGS = Path(__file__).parent / "assets" / "model_configs"
+_BUNDLED_CONFIGS = Path(__file__).parents[1] / "assets" / "model_configs"
 PHASES = ("resident", "sampling", "training")
 
 
