@@ -31,11 +31,17 @@ def parse_mesh(text: str) -> dict[str, int]:
         raise mesh_lib.MeshError(f"--mesh={text!r}: write it as data=1,fsdp=4,tensor=2") from None
 
 
-def compiled_report(config, model_cfg, family: str, devices, estimate: plan.Plan) -> tuple[str, dict]:
-    """The compiled programs' table (GiB per chip) and the --json object."""
+def compiled_report(config, model_cfg, family: str, devices, estimate: plan.Plan, only: list[str] | None = None
+                    ) -> tuple[str, dict]:
+    """The compiled programs' table (GiB per chip) and the --json object; `only`: these programs."""
     from sqlm_jax import aot
     run = aot.AbstractRun.build(config, model_cfg, devices)
-    programs = run.compile(log=lambda line: print(line, file=sys.stderr, flush=True))
+    names = [name for name, *_ in run.programs()]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise ValueError(f"--programs: no program {unknown}; the programs are {names}")
+    programs = run.compile(only=lambda name: not only or name in only,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
     usable = aot.usable_bytes(family)
     limit = int(usable * (1 - COMPILED_SPARE))
     planned = lambda p: estimate.phase_bytes("resident") + estimate.phase_bytes(p.phase)
@@ -94,7 +100,11 @@ def main(argv: list[str]) -> None:
         fits = estimate.total <= plan.usable_bytes(budget)
     if devices is not None:
         config.mesh = mesh_shape
-        table, record = compiled_report(config, model_cfg, family, devices, estimate)
+        try:
+            table, record = compiled_report(config, model_cfg, family, devices, estimate,
+                                            [p.strip() for p in f.programs.split(",")] if f.programs else None)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         print(table)
         fits = record["fits"]
         if f.json:
@@ -115,6 +125,8 @@ def _define_flags() -> None:
     flags.DEFINE_bool("compile", False, "also compile every program of a step for the TPU slice "
                       "--accelerator (e.g. v5e-8) with XLA's TPU compiler, no TPU needed "
                       "(pip install -e \".[aot]\"), and judge the fit by its figures")
+    flags.DEFINE_string("programs", None, "with --compile: only these programs, comma-separated "
+                        "(e.g. 'solver sampler,solver policy update'; default: every program of a step)")
     flags.DEFINE_string("json", None, "with --compile: write the compiled figures to this JSON file")
 
 
