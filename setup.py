@@ -36,7 +36,12 @@ setup(
     extras_require={
         # torch is only the reference the tests compare against (transformers' PyTorch models).
         # 2.13.0 is the CPU wheel on this project's machines.
-        "test": ["pytest>=9.0", "pytest-xdist>=3.8", "torch==2.13.0", "ipython>=8", "hypothesis>=6.150", "wandb>=0.31"],
+        # jax[tpu] brings libtpu, XLA's TPU compiler, for tests/test_aot.py's deviceless compile; a
+        # CPU run does not load it (tests set JAX_PLATFORMS=cpu).
+        "test": ["pytest>=9.0", "pytest-xdist>=3.8", "torch==2.13.0", "ipython>=8", "hypothesis>=6.150", "wandb>=0.31",
+                 "jax[tpu]>=0.10.2,<0.11"],
+        # `python -m sqlm_jax.plan --compile`: the TPU compiler on any host, no TPU needed (sqlm_jax/aot.py).
+        "aot": ["jax[tpu]>=0.10.2,<0.11"],
         "bench": ["torch==2.13.0", "trl>=1.16"],
         "data": ["datasets>=5.2"],
         "wandb": ["wandb>=0.31"],  # log.wandb_project

@@ -103,7 +103,9 @@ class Learner:
         else:
             self.graphdef, self.frozen = graphdef, None
             # A real copy: the policy's buffers are donated to each update.
-            self.ref_params = jax.tree.map(jnp.copy, params) if c.rl.use_kl else None
+            copy = lambda p: jax.tree.map(jnp.copy, p)
+            self.ref_params = (build(copy, params, jax.tree.map(lambda x: x.sharding, params))
+                               if c.rl.use_kl else None)
         total = updates_per_run(c)
         self.state, self._update = self._compiled(
             params, make_optimizer(c.optim, total_updates=total),
@@ -129,8 +131,8 @@ class Learner:
             tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
             param_shardings, transform_non_params=lambda _: replicated)
         shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-        state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                        out_shardings=shardings)(params)
+        state = build(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                      params, shardings)
         update = jax.jit(functools.partial(self._update_fn, loss_fn=loss_fn, tx=tx), donate_argnums=0,
                          out_shardings=(shardings, None))
         return state, update
@@ -243,6 +245,19 @@ class Learner:
         mb = self.config.rl.micro_batch_size
         split = jax.tree.map(lambda x: x.reshape(lead + (mb,) + x.shape[1:]), tree)
         return mesh_lib.constrain_rows(split, self.mesh, row_axis=len(lead))
+
+
+def is_abstract(tree) -> bool:
+    """Whether `tree` holds shapes (jax.ShapeDtypeStruct) rather than arrays: a run built without
+    weights, to compile its programs for devices this host does not have (sqlm_jax.aot)."""
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def build(fn, tree, out_shardings):
+    """`fn(tree)` compiled onto `out_shardings`; for an abstract `tree`, the shapes and shardings it
+    would have."""
+    compiled = jax.jit(fn, out_shardings=out_shardings)
+    return jax.eval_shape(compiled, tree) if is_abstract(tree) else compiled(tree)
 
 
 def fetch(metrics: dict[str, dict[str, jax.Array]]) -> dict[str, float]:

@@ -102,7 +102,7 @@ MUTATIONS = [
     ("LoRA reference a copy of the base", LEARNER, "self.ref_params = self.frozen if c.rl.use_kl else None",
      "self.ref_params = jax.tree.map(jnp.copy, self.frozen) if c.rl.use_kl else None",
      [LORA_TESTS + "::test_lora_trains_the_adapters_against_the_base"]),
-    ("plan: LoRA optimizer state as full fine-tuning's", "sqlm_jax/plan.py", "trained = adapters if spec.rank else weights",
+    ("plan: LoRA optimizer state as full fine-tuning's", "sqlm_jax/plan/__init__.py", "trained = adapters if spec.rank else weights",
      "trained = weights", ["tests/test_plan.py::test_lora_update_trains_the_adapters_alone"]),
     # issue 17: the toolbox
     ("clip-higher's upper range ignored", RL, "high = clip_eps if clip_eps_high is None else clip_eps_high",

@@ -164,7 +164,7 @@ def test_real_run_executes_what_dry_run_prints(gcloud, script):
     assert [c["argv"] for c in calls()] == [words for words in printed if words[0] == "gcloud"]
     if script == "setup.sh":  # the archive held the project, and was cleaned up afterwards
         archive = next(c["archive"] for c in calls() if "archive" in c)
-        assert "setup.py" in archive and "sqlm_jax/plan.py" in archive and "tpu/setup.sh" in archive
+        assert "setup.py" in archive and "sqlm_jax/plan/__init__.py" in archive and "tpu/setup.sh" in archive
         assert not list(Path(env["TMPDIR"]).glob("*.tgz"))
 
 

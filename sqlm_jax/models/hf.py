@@ -176,7 +176,9 @@ def load_pretrained(path_or_hub_id, *, mesh: jax.sharding.Mesh | None = None, dt
         value = value.astype(dtype)
         variable.set_value(jax.make_array_from_callback(
             value.shape, flat_shardings[key].get_value(), lambda index: value[index]))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat_state)), cfg
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat_state))
+    model.row_mesh = mesh  # activations follow the rows over the mesh's batch axes (Transformer)
+    return model, cfg
 
 
 def save_pretrained(model: Transformer, cfg: ModelConfig, folder: str | os.PathLike, *,

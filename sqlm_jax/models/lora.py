@@ -107,10 +107,19 @@ def attach(graphdef: nnx.GraphDef, params: nnx.State, spec: LoraSpec, *, seed: i
            ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """The model `(graphdef, params)` with adapters: (graphdef of the adapted model, adapters placed on
     `mesh` as their weights' logical axes say, the base: the same arrays as `params`, not a copy)."""
-    model = nnx.merge(graphdef, params)
-    add_adapters(model, spec, nnx.Rngs(seed))
-    adapted, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
-    return adapted, jax.device_put(adapters, mesh_lib.param_shardings(adapters, mesh)), base
+    def adapted_model(params):
+        model = nnx.merge(graphdef, params)
+        add_adapters(model, spec, nnx.Rngs(seed))
+        return model
+
+    shardings = lambda adapters: mesh_lib.param_shardings(adapters, mesh)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):  # shapes, no weights
+        adapted, adapters, _ = nnx.split(nnx.eval_shape(adapted_model, params), nnx.LoRAParam, ...)
+        return adapted, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                     adapters, shardings(adapters)), params
+    # The base the split leaves is `params` itself: the same tree of the same arrays.
+    adapted, adapters, _ = nnx.split(adapted_model(params), nnx.LoRAParam, ...)
+    return adapted, jax.device_put(adapters, shardings(adapters)), params
 
 
 def with_frozen(loss_fn, frozen: nnx.State | None):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sqlm_jax import mesh as mesh_lib
 from sqlm_jax.models.config import ModelConfig
 
 
@@ -288,17 +289,18 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, kv_mask, rope, cache, write_index, prefix):
+    def __call__(self, x, positions, kv_mask, rope, cache, write_index, prefix, rows=lambda x: x):
+        """`rows` pins an activation `[N, T, D]` to its rows' devices (`Transformer.hidden_states`)."""
         attn_out, cache = self.attn(self.input_norm(x), positions, kv_mask, rope, cache, write_index, prefix)
-        x = x + attn_out
-        return x + self.mlp(self.post_attn_norm(x)), cache
+        x = rows(x + attn_out)
+        return rows(x + self.mlp(self.post_attn_norm(x))), cache
 
 
-def _run_layer(layer, x, positions, kv_mask, rope, cache, write_index, prefix):
-    return layer(x, positions, kv_mask, rope, cache, write_index, prefix)
+def _run_layer(layer, rows, x, positions, kv_mask, rope, cache, write_index, prefix):
+    return layer(x, positions, kv_mask, rope, cache, write_index, prefix, rows)
 
 
-def _run_layer_remat(layer, *args):
+def _run_layer_remat(layer, rows, *args):
     """`_run_layer` whose activations the backward pass recomputes instead of keeping.
 
     A pure `jax.checkpoint` over the layer's split state, not `nnx.remat`: the layer is rebuilt from
@@ -307,7 +309,7 @@ def _run_layer_remat(layer, *args):
     outer trace's Variables and fail. Outside a gradient, jax lowers a checkpoint as its plain body.
     """
     graphdef, state = nnx.split(layer)
-    return jax.checkpoint(lambda state, *args: _run_layer(nnx.merge(graphdef, state), *args))(state, *args)
+    return jax.checkpoint(lambda state, *args: _run_layer(nnx.merge(graphdef, state), rows, *args))(state, *args)
 
 
 class Transformer(nnx.Module):
@@ -321,6 +323,9 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt))
+        # The mesh whose batch axes split the rows (set where the weights are placed, models/hf.py);
+        # None: one device, or rows left to XLA.
+        self.row_mesh = None
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Logits `[N, T, V]` (float32) for a left- or right-padded batch; padded positions are junk."""
@@ -335,14 +340,20 @@ class Transformer(nnx.Module):
         """Final-normed hidden states `[N, T, D]` and the updated cache (None without one).
 
         `prefix`: per layer, a cache that groups of rows share ahead of their own (see `attend`).
+        On a mesh (`row_mesh`) the residual stream `[N, T, D]` is pinned to the devices of its rows
+        after every block of every layer. Without that XLA's partitioner may split a layer's matmuls
+        on the width its weights are sharded on and all-reduce every row's activations (a TPU v5e-8
+        compile of the sampler held a whole prompt wave's MLP, `[rows·P, 2, F]`, on every chip); with
+        it, each chip gathers the weights and keeps its own rows.
         """
         cfg = self.config
+        rows = lambda x: mesh_lib.constrain_rows(x, self.row_mesh)
         rope = rope_tables(positions, rope_inv_freq(cfg), cfg.compute_dtype)
-        x = self.embed[...].astype(cfg.compute_dtype)[input_ids]
+        x = rows(self.embed[...].astype(cfg.compute_dtype)[input_ids])
         run = _run_layer_remat if cfg.remat else _run_layer
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = run(layer, x, positions, kv_mask, rope, None if cache is None else cache[i],
+            x, layer_cache = run(layer, rows, x, positions, kv_mask, rope, None if cache is None else cache[i],
                                  write_index, None if prefix is None else prefix[i])
             new_cache.append(layer_cache)
         return self.final_norm(x), (None if cache is None else new_cache)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -46,7 +45,7 @@ from sqlm_jax.train_step import chunk_positions
 # Kept free for XLA's scratch buffers, fragmentation and the runtime: a plan that uses the last few
 # percent of HBM on paper fails at compile time in practice.
 HEADROOM = 0.10
-_BUNDLED_CONFIGS = Path(__file__).parent / "assets" / "model_configs"
+_BUNDLED_CONFIGS = Path(__file__).parents[1] / "assets" / "model_configs"
 PHASES = ("resident", "sampling", "training")
 
 
@@ -327,65 +326,3 @@ def check_fits(config, model_cfg: ModelConfig, mesh_shape: Mapping[str, int], de
     if plan.total > usable_bytes(device_bytes):
         raise MemoryPlanError("\n".join([format_plan(plan), fit_line(plan, device_bytes),
                                          advice(plan, config)]))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """`data=1,fsdp=4,tensor=2` -> {"data": 1, "fsdp": 4, "tensor": 2} (-1: the devices left over)."""
-    try:
-        return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(",") if part)}
-    except ValueError:
-        raise mesh_lib.MeshError(f"--mesh={text!r}: write it as data=1,fsdp=4,tensor=2") from None
-
-
-def main(argv: list[str]) -> None:
-    from absl import flags
-    del argv
-    config = flags.FLAGS.config
-    if config is None:
-        sys.exit("error: pass --config=configs/<experiment>.py")
-    try:
-        sizes = parse_mesh(flags.FLAGS.mesh) if flags.FLAGS.mesh else dict(config.mesh)
-        family, chips = (parse_accelerator(flags.FLAGS.accelerator) if flags.FLAGS.accelerator
-                         else (None, None))
-        count = chips or flags.FLAGS.num_devices
-        if count is None:  # only -1 needs a device count; use this host's devices
-            count = math.prod(sizes.values()) if -1 not in sizes.values() else jax.device_count()
-        mesh_shape = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(sizes, count)))
-        model_cfg = load_model_config(config)
-        budget = (accelerator_bytes(family, math.prod(mesh_shape.values())) if family is not None
-                  else local_device_bytes())
-        from sqlm_jax import auto_knobs  # it plans with this module
-        config = auto_knobs.resolve(config, model_cfg, mesh_shape, budget)
-        plan = memory_plan(config, model_cfg, mesh_shape)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    print(format_plan(plan))
-    print(f"memory knobs: rl.micro_batch_size={config.rl.micro_batch_size}, rollout.rows_in_flight="
-          f"{config.rollout.rows_in_flight} (0: all rows at once); the method's batch as configured")
-    if family is not None:
-        print(fit_line(plan, budget, family))
-        if plan.total > usable_bytes(budget):
-            print(advice(plan, config))
-            sys.exit(1)
-
-
-def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)")
-    flags.DEFINE_string("mesh", None, "mesh sizes, e.g. data=1,fsdp=4,tensor=2 (default: the config's)")
-    flags.DEFINE_string("accelerator", None,
-                        "v4 | v5e | v5p | v6e | h100 | h200 | cpu, or a TPU type such as v5p-32 "
-                        "(its chip count then resolves a -1 mesh axis)")
-    flags.DEFINE_integer("num_devices", None, "devices in the mesh, to resolve a -1 axis")
-
-
-if __name__ == "__main__":
-    from absl import app
-    _define_flags()
-    app.run(main)

@@ -1,0 +1,95 @@
+"""The deviceless compile (sqlm_jax.aot): a run's programs compiled by XLA's TPU compiler for a v5e-8
+and a v4-8 on this CPU host, a scaled-down model in the paper configs' settings (remat, bfloat16
+compute over float32 weights, slot refill, GAE with a critic for coding).
+
+What is checked in the compiled programs: they compile; one chip holds less than the whole run; and
+rows, not the width the weights are sharded on, are split over the chips: no collective of a sampler
+or an update adds up (all-reduce, reduce-scatter) a tensor as wide as the model's activations. Before
+the model pinned its residual stream to its rows (Transformer.row_mesh), XLA's partitioner split the
+layers' matmuls on the fsdp-sharded width and all-reduced every row's activations in every layer.
+
+Skipped, with the reason, only where libtpu cannot be loaded (pip install -e ".[aot]").
+"""
+import math
+import re
+import runpy
+from pathlib import Path
+
+import jax
+import pytest
+
+from sqlm_jax import aot
+from sqlm_jax import mesh as mesh_lib
+from sqlm_jax.models import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=1000, hidden_size=192, intermediate_size=640,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=48, qkv_bias=True,
+                    param_dtype="float32", compute_dtype="bfloat16", remat=True, eos_token_id=2)
+REDUCTION = re.compile(r"= (\(?[^=]*?) (?:all-reduce|reduce-scatter)\(")
+SHAPE = re.compile(r"(bf16|f16|f32)\[([\d,]*)\]")
+
+
+def _devices(accelerator):
+    try:
+        return aot.slice_devices(accelerator)
+    except aot.AotUnavailable as e:
+        pytest.skip(str(e))
+
+
+def _run(name: str, accelerator: str, rows_in_flight: int) -> aot.AbstractRun:
+    """configs/NAME.py as shipped, with the model and the sizes shrunk."""
+    c = runpy.run_path(str(ROOT / "configs" / f"{name}.py"))["get_config"]()
+    c.rollout.batch_size, c.rollout.max_prompt_len = 16, 64
+    c.rollout.proposer_max_new_tokens = c.rollout.solver_max_new_tokens = 128
+    c.rl.mini_batch_size, c.rl.micro_batch_size, c.rollout.rows_in_flight = 8, 16, rows_in_flight
+    family, devices = _devices(accelerator)
+    c.mesh = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(dict(c.mesh), len(devices))))
+    return aot.AbstractRun.build(c, MODEL, devices)
+
+
+def activation_reductions(hlo: str, weights) -> list[str]:
+    """The floating-point tensors that `hlo`'s all-reduces and reduce-scatters sum and that are not
+    a weight's gradient (up to the TPU's tile padding) nor a handful of metrics: activations, partial
+    products of every row."""
+    shapes = {tuple(sorted(x.shape)) for x in jax.tree.leaves(weights)}
+    is_weight = lambda dims: any(len(w) == len(dims) and all(a <= d < a + 128 for a, d in zip(w, dims))
+                                 for w in shapes)
+    found = []
+    for operands in REDUCTION.findall(hlo):
+        for dtype, dims in SHAPE.findall(operands):
+            dims = sorted(int(d) for d in dims.split(",") if d)
+            if math.prod(dims) > 1024 and not is_weight(dims):
+                found.append(f"{dtype}{dims}")
+    return found
+
+
+@pytest.mark.parametrize("config,accelerator,rows_in_flight,programs", [
+    ("algebra", "v5e-8", 64, ("solver sampler", "solver policy update")),  # slot refill: 256 rows, 64 slots
+    ("coding", "v4-8", 0, ("solver sampler", "solver critic update")),      # every row at once; the critic
+])
+def test_programs_compile_for_the_slice_with_rows_split(config, accelerator, rows_in_flight, programs):
+    run = _run(config, accelerator, rows_in_flight)
+    assert run.mesh.devices.size == (8 if accelerator == "v5e-8" else 4)
+    lowered = {name: (phase, lower) for name, phase, lower, _ in run.programs()}
+    assert {"proposer sampler", "solver log-prob pass", "proposer policy update"} <= set(lowered)
+    assert ("solver critic update" in lowered) == (config == "coding")
+    resident = sum(aot.per_chip_bytes(tree) for tree in run.resident().values())
+    for name in programs:
+        compiled = lowered[name][1]().compile()
+        memory = compiled.memory_analysis()
+        assert 0 < memory.argument_size_in_bytes <= resident
+        assert memory.generated_code_size_in_bytes > 0
+        weights = [run.learner.state.params, None if run.learner.critic_state is None
+                   else run.learner.critic_state.params]
+        assert activation_reductions(compiled.as_text(), weights) == [], name
+
+
+def test_topology_names():
+    assert aot.topology_shape(8, 2) == (2, 4) and aot.topology_shape(1, 2) == (1, 1)
+    assert aot.topology_shape(4, 3) == (2, 2, 1) and aot.topology_shape(16, 3) == (2, 2, 4)
+    assert aot.topology_shape(64, 3) == (4, 4, 4)
+    with pytest.raises(aot.AotUnavailable, match="power of two"):
+        aot.topology_shape(12, 2)
+    with pytest.raises(aot.AotUnavailable, match="TPU slice"):
+        aot.slice_devices("h100")
