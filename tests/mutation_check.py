@@ -232,9 +232,9 @@ MUTATIONS = [
     ("safetensors shard past its cap", "sqlm_jax/models/hf.py", "if current and size + array.nbytes > max_shard_bytes:",
      "if current and size > max_shard_bytes:",
      ["tests/test_models.py::test_exported_shards_stay_under_the_cap_and_are_filled_in_order"]),
-    ("plan: critic without its optimizer moments", "sqlm_jax/plan.py", 'Row("critic", "resident", 3 * weights,',
+    ("plan: critic without its optimizer moments", "sqlm_jax/plan/__init__.py", 'Row("critic", "resident", 3 * weights,',
      'Row("critic", "resident", 1 * weights,', ["tests/test_plan_critic.py"]),
-    ("plan: no critic row", "sqlm_jax/plan.py", 'if config.rl.advantage == "gae":\n        rows.append(Row("critic"',
+    ("plan: no critic row", "sqlm_jax/plan/__init__.py", 'if config.rl.advantage == "gae":\n        rows.append(Row("critic"',
      'if False:\n        rows.append(Row("critic"', ["tests/test_plan_critic.py"]),
     ("a row's steps share one draw", "sqlm_jax/sampling.py",
      "step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(steps, keys.shape))", "step_keys = keys",
@@ -266,6 +266,14 @@ MUTATIONS = [
      [PATHS + "::test_the_field_reaches_the_trainer"]),
     ("reward.sandbox_workers ignored", ROLLOUT, "workers=c.sandbox_workers or None,", "workers=None,",
      [MODES + "::test_code_timeout_reaches_the_sandbox"]),
+    # Issues 29 and 30: remat is a memory knob; rows, not widths, split over a TPU slice.
+    ("remat drops the shared prefix", "sqlm_jax/models/transformer.py",
+     "_run_layer(nnx.merge(graphdef, state), rows, *args))(state, *args)",
+     "_run_layer(nnx.merge(graphdef, state), rows, *args[:-1], None))(state, *args)", ["tests/test_remat.py"]),
+    ("activations not pinned to their rows", "sqlm_jax/models/transformer.py",
+     "rows = lambda x: mesh_lib.constrain_rows(x, self.row_mesh)", "rows = lambda x: x", ["tests/test_aot.py"]),
+    ("load_pretrained leaves the rows to XLA", "sqlm_jax/models/hf.py", "model.row_mesh = mesh", "model.row_mesh = None",
+     ["tests/test_sampling.py::test_rows_are_pinned_to_the_mesh"]),
 ]
 
 

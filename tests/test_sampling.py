@@ -1,9 +1,12 @@
 """The sampler agrees with transformers and with a fresh forward pass; stops, n samples, filters, mesh."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax import refill, sampling
@@ -223,6 +226,20 @@ def test_rows_in_flight_across_waves_and_narrowed_tails(checkpoint):
         out = run(budget)
         assert out.token_lists == every.token_lists, budget
         np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(every.logprobs), atol=1e-5)
+
+
+def test_rows_are_pinned_to_the_mesh(checkpoint):
+    """A model loaded on a mesh keeps each row's activations on the devices that own the row: the
+    sampler compiled for 8 devices (fsdp 8) sums nothing across them. Left to itself XLA splits the
+    layers' matmuls on the fsdp-sharded width and all-reduces every row's activations (on CPU as on
+    TPU; tests/test_aot.py checks the TPU programs)."""
+    mesh = mesh_lib.make_mesh({"fsdp": -1})
+    model, _ = load_pretrained(checkpoint[0], mesh=mesh)
+    assert model.row_mesh is mesh
+    tokens, mask = np.ones((16, 32), np.int32), np.ones((16, 32), bool)
+    hlo = sampling._sample.lower(*nnx.split(model), *mesh_lib.shard_rows((tokens, mask), mesh), jax.random.key(0),
+                                 params=sampling.SamplingParams(max_new_tokens=8, n=2), mesh=mesh).compile().as_text()
+    assert not re.findall(r"= \(?(?:f32|bf16)\[[\d,]+\][^=]*? (?:all-reduce|reduce-scatter)\(", hlo)
 
 
 def test_rows_in_flight_on_a_mesh(checkpoint, prompts):

@@ -172,7 +172,7 @@ def test_main_runs_a_shipped_config_from_any_directory(installed_python, tmp_pat
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
         "error: config file 'configs/nope.py' not found; pass a path to a config file, or one of the "
-        "shipped configs/NAME.py with NAME in ['algebra', 'arithmetic', 'coding', 'tiny', 'tiny_algebra', "
+        "shipped configs/NAME.py with NAME in ['algebra', 'arithmetic', 'coding', 'colab_tpu', 'tiny', 'tiny_algebra', "
         "'tiny_algebra_pretrain', 'tiny_coding', 'tiny_coding_pretrain', 'tiny_format_reward', 'tiny_pregenerated', "
         "'tiny_pretrain']"]
 
