@@ -118,3 +118,58 @@ def rewarded_run_config(model_path: Path, workdir: Path, steps: int = 2):
     c.rl.reuse_sampler_logprobs = False
     c.optim.weight_decay, c.optim.eps, c.optim.lr = 0.0, 1.0, 1e-2
     return c
+
+
+# The shipped tiny model of each task, and the config that runs it (configs/tiny*.py).
+TINY_CONFIG_OF_TASK = {"arithmetic": "tiny", "algebra": "tiny_algebra", "coding": "tiny_coding"}
+
+
+def on_tiny_model(config):
+    """`config` with only its model swapped for the shipped tiny model of its task: the model's path,
+    and the task options that model was pretrained on (its short prompts, question template and held-out
+    family; configs/tiny*.py set the same), without which a character model cannot read its prompts."""
+    from sqlm_jax import configs
+    tiny = configs.get(TINY_CONFIG_OF_TASK[config.task])
+    config.model.path = tiny.model.path
+    config.task_options = tiny.task_options
+    return config
+
+
+def notebook_tpu_config(notebook: Path):
+    """The config the Colab notebook's TPU cell (tagged "tpu") trains, built by the cell's own code as
+    if on a TPU runtime, up to the `Trainer(config)` it hands it to."""
+    import json
+
+    from sqlm_jax import configs
+
+    class Built(Exception):
+        pass
+
+    def trainer(config):
+        raise Built(config)
+
+    cells = [c for c in json.loads(Path(notebook).read_text())["cells"]
+             if "tpu" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, f"{notebook}: {len(cells)} cells tagged 'tpu', expected one"
+    try:
+        exec("".join(cells[0]["source"]), {"ON_TPU": True, "configs": configs, "Trainer": trainer})
+    except Built as built:
+        return built.args[0]
+    raise AssertionError(f"{notebook}: the TPU cell never built a Trainer")
+
+
+def shipped_on_tiny_model(name: str, sizes: dict, notebook: Path | None = None):
+    """configs/NAME.py as shipped (or, for NAME "colab_tpu", the Colab notebook's TPU cell's config) on
+    the shipped tiny model of its task (`on_tiny_model`), with the dotted fields of `sizes` set
+    (e.g. {"rollout.batch_size": 2}): every other field as shipped."""
+    from sqlm_jax import configs
+    config = notebook_tpu_config(notebook) if name == "colab_tpu" else configs.get(name)
+    config = on_tiny_model(config)
+    for field, value in sizes.items():
+        *parents, leaf = field.split(".")
+        section = config
+        for part in parents:
+            section = section[part]
+        assert leaf in section, f"{name}: no field {field} to size"
+        section[leaf] = value
+    return config

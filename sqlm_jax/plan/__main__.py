@@ -11,7 +11,7 @@ import math
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sqlm_jax import auto_knobs, plan
@@ -68,6 +68,7 @@ def compiled_report(config, model_cfg, family: str, devices, estimate: plan.Plan
 
 def main(argv: list[str]) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # JAX's backend probing logs at INFO
     f = flags.FLAGS
     config = f.config
     if config is None:
