@@ -154,10 +154,12 @@ class AbstractRun:
 
     # -------------------------------------------------------------------------------- what lives on
     def resident(self) -> dict[str, Any]:
-        """The run's long-lived buffers: the policy's TrainState, the reference and the critic's."""
-        learner = self.learner
-        return {"policy state": learner.state, "frozen base": learner.frozen, "reference": (
-            None if learner.ref_params is learner.frozen else learner.ref_params),
+        """The run's long-lived buffers: the policy's parameters and optimizer state, the frozen base
+        (LoRA), the reference weights and the critic's TrainState."""
+        learner, state = self.learner, self.learner.state
+        return {"policy params": state.params, "policy optimizer": (state.step, state.opt_state),
+                "frozen base": learner.frozen,
+                "reference": None if learner.ref_params is learner.frozen else learner.ref_params,
                 "critic state": learner.critic_state}
 
     def outside(self, *passed: str) -> int:
@@ -197,7 +199,7 @@ class AbstractRun:
         graphdef, policy = learner.policy
         key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                    sharding=mesh_lib.replicated(self.mesh))
-        policy_args = ("frozen base", "policy state")  # the sampler and the passes read its params
+        policy_args = ("frozen base", "policy params")  # what the samplers and the passes read
         out = []
         for role in ("proposer", "solver"):
             params = self.sampling_params(role)
@@ -219,7 +221,7 @@ class AbstractRun:
                         policy_args + ("reference",)))
             out.append((f"{role} policy update", "training",
                         lambda batch=batch: learner._update.lower(learner.state, batch, learner.frozen),
-                        policy_args))
+                        policy_args + ("policy optimizer",)))
             if learner.critic_state is not None:
                 out.append((f"{role} critic update", "training",
                             lambda batch=batch: learner._critic_update.lower(learner.critic_state, batch, None),

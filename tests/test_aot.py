@@ -93,3 +93,16 @@ def test_topology_names():
         aot.topology_shape(12, 2)
     with pytest.raises(aot.AotUnavailable, match="TPU slice"):
         aot.slice_devices("h100")
+
+
+def test_the_buffers_beside_each_program():
+    """While the samplers run, the optimizer state and the reference weights stay on the chips; the
+    update takes the optimizer state itself and leaves the reference beside it."""
+    run = _run("algebra", "v5e-8", 64)
+    state, ref = run.learner.state, run.learner.ref_params
+    optimizer, reference = aot.per_chip_bytes(state.opt_state), aot.per_chip_bytes(ref)
+    # AdamW's two moments, and its counters (int32 scalars)
+    assert 0 <= optimizer - 2 * aot.per_chip_bytes(state.params) <= 16 and reference > 0
+    passed = {name: args for name, _, _, args in run.programs()}
+    assert run.outside(*passed["solver sampler"]) == optimizer + reference + 4  # + the step counter
+    assert run.outside(*passed["solver policy update"]) == reference
