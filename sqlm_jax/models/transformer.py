@@ -28,9 +28,7 @@ from sqlm_jax.models.config import ModelConfig
 
 
 class LayerCache(NamedTuple):
-    """One layer's keys `k[N, K, H, S]` (transposed) and values `v[N, K, S, H]`.
-
-    In these layouts both attention products are plain batched matmuls over (N, K) that read the cache
+    """One layer's keys `k[N, K, H, S]` (transposed) and values `v[N, K, S, H]`. In these layouts both attention products are plain batched matmuls over (N, K) that read the cache
     in place. With `[N, S, K, H]` for both, XLA on CPU transposed the whole cache every decode step
     (bench/sampling.py: decoding 4-8x slower in attention at batch 256).
     """
@@ -290,7 +288,6 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, positions, kv_mask, rope, cache, write_index, prefix, rows=lambda x: x):
-        """`rows` pins an activation `[N, T, D]` to its rows' devices (`Transformer.hidden_states`)."""
         attn_out, cache = self.attn(self.input_norm(x), positions, kv_mask, rope, cache, write_index, prefix)
         x = rows(x + attn_out)
         return rows(x + self.mlp(self.post_attn_norm(x))), cache
@@ -301,13 +298,8 @@ def _run_layer(layer, rows, x, positions, kv_mask, rope, cache, write_index, pre
 
 
 def _run_layer_remat(layer, rows, *args):
-    """`_run_layer` whose activations the backward pass recomputes instead of keeping.
-
-    A pure `jax.checkpoint` over the layer's split state, not `nnx.remat`: the layer is rebuilt from
-    its graphdef inside the checkpoint's trace, so it works on a model merged in an outer trace (the
-    sampler's while loop, LoRA's frozen base merged inside the loss), where nnx.remat would write the
-    outer trace's Variables and fail. Outside a gradient, jax lowers a checkpoint as its plain body.
-    """
+    """`_run_layer` recomputed in the backward pass: `jax.checkpoint` over the layer's split state (nnx.remat
+    wrote an outer trace's Variables: the sampler's loops and LoRA's loss failed)."""
     graphdef, state = nnx.split(layer)
     return jax.checkpoint(lambda state, *args: _run_layer(nnx.merge(graphdef, state), rows, *args))(state, *args)
 
@@ -323,9 +315,7 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt))
-        # The mesh whose batch axes split the rows (set where the weights are placed, models/hf.py);
-        # None: one device, or rows left to XLA.
-        self.row_mesh = None
+        self.row_mesh = None  # the mesh whose batch axes split the rows (set by models/hf.py)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Logits `[N, T, V]` (float32) for a left- or right-padded batch; padded positions are junk."""
@@ -340,11 +330,8 @@ class Transformer(nnx.Module):
         """Final-normed hidden states `[N, T, D]` and the updated cache (None without one).
 
         `prefix`: per layer, a cache that groups of rows share ahead of their own (see `attend`).
-        On a mesh (`row_mesh`) the residual stream `[N, T, D]` is pinned to the devices of its rows
-        after every block of every layer. Without that XLA's partitioner may split a layer's matmuls
-        on the width its weights are sharded on and all-reduce every row's activations (a TPU v5e-8
-        compile of the sampler held a whole prompt wave's MLP, `[rows·P, 2, F]`, on every chip); with
-        it, each chip gathers the weights and keeps its own rows.
+        On a mesh (`row_mesh`) the residual stream is pinned to its rows' devices after every block:
+        else XLA splits matmuls on the sharded width and all-reduces every row's (tpu/README.md).
         """
         cfg = self.config
         rows = lambda x: mesh_lib.constrain_rows(x, self.row_mesh)
