@@ -84,7 +84,7 @@ AUTO = {"rl.micro_batch_size": 1, "rollout.rows_in_flight": 0}
 # auto memory knobs; main, resume and evaluate as a user runs them) and colab_tpu (LoRA over a
 # bfloat16 base, rows in flight refilled); the others, with SQLM_JAX_TEST_SHIPPED=all (~15 minutes
 # alone on 2 cores), and every one of their configs is built and validated here in any case.
-ALL = os.environ.get("SQLM_JAX_TEST_SHIPPED") == "all"
+ALL = os.environ.get("SQLM_JAX_TEST_SHIPPED", "all") == "all"  # "quick": only the default pair
 full_tier = pytest.mark.skipif(not ALL, reason="the full shipped-config tier: set SQLM_JAX_TEST_SHIPPED=all")
 
 WRAPPER = '''"""configs/NAME.py as shipped on its task's tiny model, sizes shrunk (tests/test_shipped_configs.py)."""
