@@ -15,7 +15,7 @@ configs run end to end too, shrunk the same way, and a table names the test that
 sqlm_jax/configs/: a config added without one fails here.
 
 The suite runs arithmetic and colab_tpu, and builds and validates every other run's config;
-SQLM_JAX_TEST_SHIPPED=all runs every one (~15 minutes alone on 2 CPU cores; see `full_tier`).
+Every one runs by default (SQLM_JAX_TEST_SHIPPED=quick: the pair only) (~15 minutes alone on 2 CPU cores; see `full_tier`).
 
 Shared compiled work: every run is one CPU device under the session's persistent compilation cache
 (tests/conftest.py); a resume or an evaluation repeats its run's shapes (but for a new longest solver
@@ -82,7 +82,7 @@ AUTO = {"rl.micro_batch_size": 1, "rollout.rows_in_flight": 0}
 # ~900 CPU-seconds, more than the rest of the suite's 2-worker budget leaves. The suite runs one run
 # of each code path the paper configs add to the tiny ones: arithmetic (remat, bfloat16 compute, the
 # auto memory knobs; main, resume and evaluate as a user runs them) and colab_tpu (LoRA over a
-# bfloat16 base, rows in flight refilled); the others, with SQLM_JAX_TEST_SHIPPED=all (~15 minutes
+# bfloat16 base, rows in flight refilled); the others too unless SQLM_JAX_TEST_SHIPPED=quick (~15 minutes
 # alone on 2 cores), and every one of their configs is built and validated here in any case.
 ALL = os.environ.get("SQLM_JAX_TEST_SHIPPED", "all") == "all"  # "quick": only the default pair
 full_tier = pytest.mark.skipif(not ALL, reason="the full shipped-config tier: set SQLM_JAX_TEST_SHIPPED=all")
