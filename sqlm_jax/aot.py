@@ -107,6 +107,10 @@ def _rows(mesh, shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.row_sharding(mesh, shape))
 
 
+# What Learner.offloaded moves to host memory while the samplers run.
+OFFLOADED = ("policy optimizer", "reference", "critic state")
+
+
 @dataclasses.dataclass
 class Program:
     """One compiled program of a step: its name, what one chip holds while it runs, and its cost."""
@@ -162,9 +166,12 @@ class AbstractRun:
                 "reference": None if learner.ref_params is learner.frozen else learner.ref_params,
                 "critic state": learner.critic_state}
 
-    def outside(self, *passed: str) -> int:
-        """Per-chip bytes of the resident buffers a program does not take as arguments."""
-        return sum(per_chip_bytes(tree) for name, tree in self.resident().items() if name not in passed)
+    def outside(self, phase: str, *passed: str) -> int:
+        """Per-chip bytes of the resident buffers on the chips during `phase` that a program of it does
+        not take as arguments (rollout.offload_to_host: the sampler's neighbours wait in host memory)."""
+        offloaded = (OFFLOADED if phase == "sampling" and self.config.rollout.offload_to_host else ())
+        return sum(per_chip_bytes(tree) for name, tree in self.resident().items()
+                   if name not in passed and name not in offloaded)
 
     # ------------------------------------------------------------------------------------ programs
     def sampling_params(self, role: str) -> sampling.SamplingParams:
@@ -242,7 +249,7 @@ class AbstractRun:
                 name=name, phase=phase, arguments=memory.argument_size_in_bytes,
                 outputs=memory.output_size_in_bytes - memory.alias_size_in_bytes,
                 temporaries=memory.temp_size_in_bytes, code=memory.generated_code_size_in_bytes,
-                outside=self.outside(*passed), flops=float(cost.get("flops", 0.0)),
+                outside=self.outside(phase, *passed), flops=float(cost.get("flops", 0.0)),
                 bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_s=seconds))
             log(f"compiled {name} in {seconds:.0f} s: {compiled[-1].total / GiB:.2f} GiB per chip")
         return compiled

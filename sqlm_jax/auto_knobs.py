@@ -26,8 +26,7 @@ def resolve(config, model_cfg, mesh_shape: Mapping[str, int], device_bytes: int)
     c = config.copy_and_resolve_references()
     devices = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     usable = plan_lib.usable_bytes(device_bytes)
-    fits = lambda phase: lambda: (lambda p: p.phase_bytes("resident") + p.phase_bytes(phase) <= usable)(
-        plan_lib.memory_plan(c, model_cfg, mesh_shape))
+    fits = lambda phase: lambda: plan_lib.memory_plan(c, model_cfg, mesh_shape).during(phase) <= usable
     if c.rl.micro_batch_size == AUTO:
         sequences = c.rl.mini_batch_size * c.rollout.n
         sizes = [m for m in range(sequences, 0, -1) if sequences % m == 0 and m % devices == 0] or [sequences]

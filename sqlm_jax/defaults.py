@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
         "param_dtype": "float32",
         "compute_dtype": "float32",  # bfloat16 on TPU/GPU
         "remat": False,              # recompute each layer in the backward pass (saves memory)
+        # Attention's queries this many at a time in the update and log-prob passes, each block's
+        # float32 scores recomputed in the backward pass: memory only, the same results; 0 = all at once.
+        "query_block": 512,
         # LoRA (Hu et al. 2021): rank 0 = full fine-tuning (the reference). rank > 0 trains low-rank
         # adapters on the named projections only; the frozen base is the KL reference (no second copy).
         "lora": ml_collections.ConfigDict({
@@ -63,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
         # Rows the sampler decodes at once, slots refilled as rows stop (memory knob; never changes a
         # token): 0 = every row of a call at once, -1 = auto (the largest that fits, from the plan).
         "rows_in_flight": 0,
+        # The optimizer states and the reference weights wait in host memory while the samplers run,
+        # back on the devices for the log-prob passes and the updates (memory knob; jax memory kinds).
+        "offload_to_host": False,
         # online (the method) | pregenerated (ablation: a pool proposed by the base model at step 0) |
         # dataset (the task's training problems, never held-out ones: labelled RL with
         # reward.kind=ground_truth, TTRL-style with the majority vote); the proposer is trained only online.

@@ -15,6 +15,7 @@ each split over the mesh's batch axes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -136,6 +137,28 @@ class Learner:
         update = jax.jit(functools.partial(self._update_fn, loss_fn=loss_fn, tx=tx), donate_argnums=0,
                          out_shardings=(shardings, None))
         return state, update
+
+    @contextlib.contextmanager
+    def offloaded(self):
+        """With rollout.offload_to_host, the buffers no sampler reads (optimizer states, the reference
+        copy, the critic) wait in pinned host memory inside the block and return to the devices after;
+        the devices' copies are freed meanwhile, which is what makes room for the sampler's KV cache."""
+        if not self.config.rollout.offload_to_host:
+            yield
+            return
+        self._move_idle("pinned_host")
+        try:
+            yield
+        finally:
+            self._move_idle("device")
+
+    def _move_idle(self, kind: str) -> None:
+        move = lambda tree: jax.device_put(tree, jax.tree.map(lambda x: x.sharding.with_memory_kind(kind), tree))
+        self.state = self.state.replace(opt_state=move(self.state.opt_state))
+        if self.ref_params is not None and self.ref_params is not self.frozen:
+            self.ref_params = move(self.ref_params)
+        if self.critic_state is not None:
+            self.critic_state = move(self.critic_state)
 
     # ------------------------------------------------------------------------------ what is trained
     @property

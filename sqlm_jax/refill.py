@@ -27,8 +27,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from sqlm_jax import mesh as mesh_lib
-from sqlm_jax.models.transformer import LayerCache, Transformer, positions_from_mask
-from sqlm_jax.sampling import _constrain_cache
+from sqlm_jax.models.attention import LayerCache
+from sqlm_jax.models.transformer import Transformer, positions_from_mask
+from sqlm_jax.sampling import _constrain_cache, prompt_pass
 
 # A wave's tail (no row pending, at most 1/TAIL_SHRINK of a block's slots active) runs in that fraction
 # of the slots: long-tailed lengths leave a few rows decoding long after the rest have stopped.
@@ -99,14 +100,12 @@ def decode(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
 def _wave(model, prompt_tokens, prompt_mask, offset, d: int, w: int, params, mesh, draw):
     """One wave: `[D·g, P]` prompts (D blocks of g), their g·n rows per block through w slots each;
     `offset [D]`: each block's first row id (its rows' random streams). Tokens, log-probs `[D, g·n, R]`."""
-    (b, p), n, r = prompt_tokens.shape, params.n, params.max_new_tokens
+    b, n, r = prompt_tokens.shape[0], params.n, params.max_new_tokens
     m, per_block = b * n // d, b // d
     rows = lambda x: mesh_lib.constrain_rows(x, mesh)
     cache_axes = lambda c: _constrain_cache(c, mesh)
     positions = positions_from_mask(prompt_mask)
-    _, prefix = model.hidden_states(prompt_tokens[:, :-1], positions[:, :-1], prompt_mask[:, :-1],
-                                    cache=cache_axes(model.init_cache(b, p - 1)))
-    prefix = cache_axes(prefix)
+    _, prefix = prompt_pass(model, prompt_tokens[:, :-1], prompt_mask[:, :-1], mesh)
     blocks = lambda x: x.reshape((d, per_block) + x.shape[1:])  # [D·g, ...] -> [D, g, ...]
     last_token, last_position = blocks(prompt_tokens[:, -1]), blocks(positions[:, -1])
     prefix_mask = blocks(prompt_mask[:, :-1])

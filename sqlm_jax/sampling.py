@@ -38,13 +38,18 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from sqlm_jax import mesh as mesh_lib
-from sqlm_jax.models.transformer import LayerCache, Transformer, positions_from_mask
+from sqlm_jax.models.attention import LayerCache
+from sqlm_jax.models.transformer import Transformer, positions_from_mask
 from sqlm_jax.tokenizer import pad_left
 
 # Decoding is split into segments of about MIN_SEGMENT steps, at most MAX_SEGMENTS of them. Each segment
 # is one more copy of the decode step for XLA to compile (~0.5 s on the 2-core bench machine) and saves
 # reading the cache slots its steps cannot reach yet (N=64: 2 segments are ~3-9% faster than 1).
 MAX_SEGMENTS = 4
+# Prompt tokens per device that one piece of a prompt pass runs at once: the pass's buffers (the MLP's
+# [tokens, 2, F], float32 scores) follow this, not the prompts of a call. At 256 prompts of 511 tokens
+# whole, the algebra solver's pass held ~3.5 GiB of them per v5e chip (issue 30).
+PREFILL_TOKENS = 4096
 MIN_SEGMENT = 32
 
 
@@ -228,6 +233,34 @@ def segment_ends(max_new_tokens: int) -> list[int]:
     return [1 + math.ceil(steps * (j + 1) / parts) for j in range(parts)] if steps else []
 
 
+def prompt_pass(model: Transformer, tokens: jax.Array, mask: jax.Array, mesh: Mesh | None
+                ) -> tuple[jax.Array, list[LayerCache]]:
+    """The `[B, P]` prompts' last hidden states `[B, D]` and cache, a few prompts per device at a time
+    (at most PREFILL_TOKENS tokens each) written into the whole cache in place."""
+    (b, p), positions = tokens.shape, positions_from_mask(mask)
+    batch_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    d = batch_devices if b % batch_devices == 0 else 1
+    per_block = b // d  # prompts per device: rows split over the batch axes in contiguous blocks
+    c = max(k for k in range(1, per_block + 1) if per_block % k == 0 and (k * p <= PREFILL_TOKENS or k == 1))
+    blocks = lambda x: x.reshape((d, per_block) + x.shape[1:])
+
+    def piece(i, done):
+        last, cache = done
+        take = lambda x: jax.lax.dynamic_slice_in_dim(blocks(x), i * c, c, 1).reshape((d * c,) + x.shape[1:])
+        put = lambda whole, part: jax.lax.dynamic_update_slice_in_dim(
+            blocks(whole), part.reshape((d, c) + part.shape[1:]), i * c, 1).reshape(whole.shape)
+        hidden, new = model.hidden_states(take(tokens), take(positions), take(mask),
+                                          cache=_constrain_cache(model.init_cache(d * c, p), mesh))
+        return (mesh_lib.constrain_rows(put(last, hidden[:, -1]), mesh),
+                _constrain_cache(jax.tree.map(put, cache, new), mesh))
+
+    empty = (mesh_lib.constrain_rows(jnp.zeros((b, model.config.hidden_size), model.config.compute_dtype), mesh),
+             _constrain_cache(model.init_cache(b, p), mesh))
+    if c == per_block:
+        return piece(0, empty)
+    return jax.lax.fori_loop(0, per_block // c, piece, empty)
+
+
 def _prefill(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array,
              params: SamplingParams, mesh: Mesh | None) -> DecodeState:
     """Runs the `[B, P]` prompts once and samples each row's first token.
@@ -235,10 +268,9 @@ def _prefill(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Arra
     The prompts' cache becomes the prefix that each prompt's n rows share; the rows' own cache starts
     empty and decoding grows it.
     """
-    (b, p), n, new = prompt_tokens.shape, params.n, params.max_new_tokens
-    hidden, prefix = model.hidden_states(prompt_tokens, positions_from_mask(prompt_mask), prompt_mask,
-                                         cache=_constrain_cache(model.init_cache(b, p), mesh))
-    logits = model.logits(hidden[:, -1])  # [B, V]: left padding puts every prompt's end at P-1
+    b, n, new = prompt_tokens.shape[0], params.n, params.max_new_tokens
+    last, prefix = prompt_pass(model, prompt_tokens, prompt_mask, mesh)
+    logits = model.logits(last)  # [B, V]: left padding puts every prompt's end at P-1
     repeat = lambda x: jnp.repeat(x, n, axis=0)
     state = DecodeState(
         step=jnp.zeros((), jnp.int32),

@@ -80,7 +80,8 @@ class Trainer:
         self.config = c = auto_knobs.resolve(c, model_cfg, dict(self.mesh.shape), device_bytes)
         plan.check_fits(c, model_cfg, dict(self.mesh.shape), device_bytes)
         load = lambda: load_pretrained(c.model.path, mesh=self.mesh, dtype=c.model.param_dtype,
-                                       compute_dtype=c.model.compute_dtype, remat=c.model.remat)
+                                       compute_dtype=c.model.compute_dtype, remat=c.model.remat,
+                                       query_block=c.model.query_block)
         model, self.model_config = load()
         critic = None
         if c.rl.advantage == "gae":
@@ -115,21 +116,22 @@ class Trainer:
     def self_play_step(self, step: int) -> dict[str, float]:
         """Steps 1-5 of the module docstring, one call and one timer (`time/<phase>`) each."""
         c, policy, times = self.config, self.learner.policy, {}
-        with _timer(times, "propose"):
-            proposer = self.rollouts.questions(policy, step)
-        with _timer(times, "solve"):
-            solver = self.rollouts.solve(policy, step, proposer)
-        with _timer(times, "score"):
-            proposer, solver = self.rollouts.score(proposer, solver)
         has_critic = self.learner.critic_state is not None
         actor = {"solver": True, "proposer": bool(c.rl.proposer_update_freq) and
                  (step + 1) % c.rl.proposer_update_freq == 0}
-        # A pool's questions were not sampled this step: nothing of the proposer's to train on.
-        rollouts = {"proposer": proposer, "solver": solver} if proposer.sample is not None else {"solver": solver}
-        trained = [role for role in rollouts if actor[role] or has_critic]
-        with _timer(times, "refill"):
-            rows, sampling_metrics, extra_tokens = dynamic_sampling.step_rows(self.rollouts, policy, step,
-                                                                              rollouts, trained)
+        with self.learner.offloaded():
+            with _timer(times, "propose"):
+                proposer = self.rollouts.questions(policy, step)
+            with _timer(times, "solve"):
+                solver = self.rollouts.solve(policy, step, proposer)
+            with _timer(times, "score"):
+                proposer, solver = self.rollouts.score(proposer, solver)
+            # A pool's questions were not sampled this step: nothing of the proposer's to train on.
+            rollouts = {"proposer": proposer, "solver": solver} if proposer.sample is not None else {"solver": solver}
+            trained = [role for role in rollouts if actor[role] or has_critic]
+            with _timer(times, "refill"):
+                rows, sampling_metrics, extra_tokens = dynamic_sampling.step_rows(self.rollouts, policy, step,
+                                                                                  rollouts, trained)
         with _timer(times, "logprobs"):
             batches = jax.block_until_ready({role: self.learner.batch(*rows[role]) for role in trained})
         with _timer(times, "update"):

@@ -274,6 +274,20 @@ MUTATIONS = [
      "rows = lambda x: mesh_lib.constrain_rows(x, self.row_mesh)", "rows = lambda x: x", ["tests/test_aot.py"]),
     ("load_pretrained leaves the rows to XLA", "sqlm_jax/models/hf.py", "model.row_mesh = mesh", "model.row_mesh = None",
      ["tests/test_sampling.py::test_rows_are_pinned_to_the_mesh"]),
+    # Issue 30: the algebra setting on a v5e-8.
+    ("query blocks keep every block's scores", "sqlm_jax/models/attention.py",
+     "one_block = jax.checkpoint(lambda qm:", "one_block = (lambda qm:", ["tests/test_attention_blocks.py"]),
+    ("query blocks' padding sees the last block's keys", "sqlm_jax/models/attention.py",
+     "mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))", "mask = jnp.pad(mask, ((0, 0), (pad, 0), (0, 0)))",
+     ["tests/test_attention_blocks.py"]),
+    ("prompt-pass pieces written at the first prompt", "sqlm_jax/sampling.py",
+     "part.reshape((d, c) + part.shape[1:]), i * c, 1)", "part.reshape((d, c) + part.shape[1:]), 0, 1)",
+     ["tests/test_sampling.py::test_the_prompt_pass_in_pieces_samples_the_same"]),
+    ("the critic stays on the devices while sampling", LEARNER,
+     "            self.critic_state = move(self.critic_state)", "            pass", ["tests/test_offload.py"]),
+    ("the plan counts offloaded buffers while sampling", "sqlm_jax/plan/__init__.py",
+     'if r.phase == "resident" and not (r.offloaded and phase == "sampling"))', 'if r.phase == "resident")',
+     ["tests/test_plan_critic.py"]),
 ]
 
 

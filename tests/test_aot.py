@@ -95,14 +95,19 @@ def test_topology_names():
         aot.slice_devices("h100")
 
 
-def test_the_buffers_beside_each_program():
-    """While the samplers run, the optimizer state and the reference weights stay on the chips; the
-    update takes the optimizer state itself and leaves the reference beside it."""
+@pytest.mark.parametrize("offload", [True, False])
+def test_the_buffers_beside_each_program(offload):
+    """While the samplers run, the optimizer state and the reference weights wait in host memory
+    (rollout.offload_to_host, as the paper configs ship) or stay on the chips; the update takes the
+    optimizer state itself and leaves the reference beside it."""
     run = _run("algebra", "v5e-8", 64)
+    assert run.config.rollout.offload_to_host  # as shipped
+    run.config.rollout.offload_to_host = offload
     state, ref = run.learner.state, run.learner.ref_params
     optimizer, reference = aot.per_chip_bytes(state.opt_state), aot.per_chip_bytes(ref)
     # AdamW's two moments, and its counters (int32 scalars)
     assert 0 <= optimizer - 2 * aot.per_chip_bytes(state.params) <= 16 and reference > 0
-    passed = {name: args for name, _, _, args in run.programs()}
-    assert run.outside(*passed["solver sampler"]) == optimizer + reference + 4  # + the step counter
-    assert run.outside(*passed["solver policy update"]) == reference
+    passed = {name: (phase, args) for name, phase, _, args in run.programs()}
+    beside = run.outside(*passed["solver sampler"][:1], *passed["solver sampler"][1])
+    assert beside == (0 if offload else optimizer + reference + 4)  # + the step counter
+    assert run.outside("training", *passed["solver policy update"][1]) == reference

@@ -55,3 +55,26 @@ def test_critic_row_is_what_the_learner_allocates():
     without = plan.memory_plan(_config("grpo"), TINY, MESH)
     assert "critic" not in [r.name for r in without.rows]
     assert planned.total - without.total == critic_row.bytes
+
+
+def test_offloaded_rows_leave_the_devices_while_sampling():
+    """rollout.offload_to_host: while the samplers run, a device holds the policy's weights alone, as
+    the plan's sampling figure counts (the optimizer state, the reference and the critic wait in host
+    memory); for the updates, all of it again."""
+    mesh = mesh_lib.make_mesh(MESH)
+    c = _config("gae")
+    c.rollout.offload_to_host = True
+    assert c.rl.use_kl  # a reference copy to move too
+    learner = Learner(c, mesh, *_on_mesh(Transformer(TINY, rngs=nnx.Rngs(0)), mesh),
+                      critic=_on_mesh(Critic(Transformer(TINY, rngs=nnx.Rngs(1))), mesh))
+    device0 = jax.devices()[0]
+    on_device = lambda: sum(shard.data.nbytes for x in jax.tree.leaves(
+        (learner.state, learner.ref_params, learner.critic_state)) if x.sharding.memory_kind == "device"
+        for shard in x.addressable_shards if shard.device == device0)
+    planned = plan.memory_plan(c, TINY, MESH)
+    resident = {p: planned.during(p) - planned.phase_bytes(p) for p in ("sampling", "training")}
+    assert resident["sampling"] == planned.row("parameters").bytes
+    with learner.offloaded():
+        assert abs(on_device() - resident["sampling"]) <= 0.02 * resident["sampling"]
+    assert abs(on_device() - resident["training"]) <= 0.02 * resident["training"]
+    assert planned.total == max(planned.during("sampling"), planned.during("training"))

@@ -275,6 +275,26 @@ def test_rows_in_flight_on_a_mesh_refill_each_block_and_narrow_its_tail(checkpoi
     np.testing.assert_allclose(np.asarray(ours.logprobs), np.asarray(every.logprobs), atol=1e-5)
 
 
+@pytest.mark.parametrize("rows_in_flight", [0, 16], ids=["static", "slot-refill"])
+def test_the_prompt_pass_in_pieces_samples_the_same(checkpoint, monkeypatch, rows_in_flight):
+    """16 prompts on 4 row blocks, the prompt pass one prompt per device at a time (PREFILL_TOKENS below
+    one prompt: 4 pieces per block, each written into its rows' cache): the tokens and log-probs of the
+    whole pass at once."""
+    folder = checkpoint[0]
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded, _ = load_pretrained(folder, mesh=mesh)
+    rng = np.random.RandomState(3)
+    many = [rng.randint(1, 97, rng.randint(2, 12)).tolist() for _ in range(16)]
+    run = lambda: sampling.generate(sharded, many, mesh=mesh, max_new_tokens=8, n=2, temperature=1.0, seed=7,
+                                    rows_in_flight=rows_in_flight)
+    whole = run()
+    monkeypatch.setattr(sampling, "PREFILL_TOKENS", 1)
+    sampling._sample.clear_cache()
+    pieces = run()
+    assert pieces.token_lists == whole.token_lists
+    np.testing.assert_allclose(np.asarray(pieces.logprobs), np.asarray(whole.logprobs), atol=1e-5)
+
+
 def test_each_step_draws_fresh_randomness(checkpoint, prompts):
     """A model whose next-token distribution is uniform (lm_head zeroed: every logit 0) over 97 tokens,
     8 rows of 24 tokens at temperature 1: each token has log-prob -log 97, a row repeats a token only as

@@ -1,8 +1,7 @@
 """Every shipped config runs in the suite as shipped (issue 29): what users run, run here.
 
 The paper configs (configs/arithmetic.py, algebra.py, coding.py; algebra also with
-`--config.model.lora.rank=4`), configs/colab_tpu.py and the config the Colab notebook's TPU cell builds
-run as a user runs them, `python -m sqlm_jax.main` in a subprocess on one CPU device, with only their
+`--config.model.lora.rank=4`) and configs/colab_tpu.py (which the Colab notebook's TPU cell trains) run as a user runs them, `python -m sqlm_jax.main` in a subprocess on one CPU device, with only their
 model swapped for the shipped tiny model of their task (and the task options that model was pretrained
 on: its prompts, question template and held-out family) and their sizes shrunk (rows, lengths, steps,
 held-out problems); every other field as shipped: remat, bfloat16 compute (and colab_tpu's bfloat16
@@ -14,12 +13,12 @@ hold the shipped config but for exactly those changes. The tiny ablation configs
 configs run end to end too, shrunk the same way, and a table names the test that runs each file of
 sqlm_jax/configs/: a config added without one fails here.
 
-The suite runs arithmetic and colab_tpu, and builds and validates every other run's config;
-Every one runs by default (SQLM_JAX_TEST_SHIPPED=quick: the pair only) (~15 minutes alone on 2 CPU cores; see `full_tier`).
+Every one runs by default; SQLM_JAX_TEST_SHIPPED=quick runs arithmetic and colab_tpu only, and builds
+and validates every other run's config (see `full_tier`).
 
 Shared compiled work: every run is one CPU device under the session's persistent compilation cache
 (tests/conftest.py); a resume or an evaluation repeats its run's shapes (but for a new longest solver
-prompt), so it compiles little, and the notebook cell's run has the arithmetic run's shapes.
+prompt), so it compiles little.
 """
 from __future__ import annotations
 
@@ -40,7 +39,7 @@ from sqlm_jax import configs
 from sqlm_jax.config_check import validate
 from sqlm_jax.models import load_pretrained
 from tests.sandbox_marks import needs_bwrap
-from tests.tiny_models import (NOTEBOOK_TPU_CELL, notebook_tpu_config, on_tiny_model, shipped_on_tiny_model,
+from tests.tiny_models import (notebook_tpu_config, on_tiny_model, shipped_on_tiny_model,
                                subprocess_xla_flags)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,9 +69,6 @@ SIZES = {
                "rollout.solver_max_new_tokens": 208, "eval.max_new_tokens": 208},
     # Its 64 rows in flight of the solver's 256: 8 of 32 here, so that slots are refilled as shipped.
     "colab_tpu": {**_ARITHMETIC, "rollout.rows_in_flight": 8},
-    # The notebook's micro-batch of 8 sequences does not divide a mini-batch of one row (4 sequences):
-    # 4, what arithmetic's auto knob picks, so that this run's programs are the arithmetic run's.
-    NOTEBOOK_TPU_CELL: {**_ARITHMETIC, "rl.micro_batch_size": 4},
 }
 # Resolved by the plan when shipped as -1 (run.json records what it chose), to at least this.
 AUTO = {"rl.micro_batch_size": 1, "rollout.rows_in_flight": 0}
@@ -88,15 +84,13 @@ ALL = os.environ.get("SQLM_JAX_TEST_SHIPPED", "all") == "all"  # "quick": only t
 full_tier = pytest.mark.skipif(not ALL, reason="the full shipped-config tier: set SQLM_JAX_TEST_SHIPPED=all")
 
 WRAPPER = '''"""configs/NAME.py as shipped on its task's tiny model, sizes shrunk (tests/test_shipped_configs.py)."""
-from pathlib import Path
-
 from tests.tiny_models import shipped_on_tiny_model
 
 SIZES = {sizes!r}
 
 
 def get_config(name):
-    return shipped_on_tiny_model(name, SIZES[name], notebook=Path({notebook!r}))
+    return shipped_on_tiny_model(name, SIZES[name])
 '''
 
 
@@ -125,13 +119,13 @@ def _lines(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def wrapper(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("configs") / "shipped_on_tiny.py"
-    path.write_text(WRAPPER.format(sizes=SIZES, notebook=str(NOTEBOOK)))
+    path.write_text(WRAPPER.format(sizes=SIZES))
     return path
 
 
 def _expected(name: str) -> dict:
     """The config a run of `name` must record: as shipped, on the tiny model, with SIZES."""
-    shipped = notebook_tpu_config(NOTEBOOK) if name == NOTEBOOK_TPU_CELL else configs.get(name)
+    shipped = configs.get(name)
     config = on_tiny_model(shipped)
     flat = _flat(json.loads(config.to_json_best_effort()))
     flat.update(SIZES[name])
@@ -235,12 +229,11 @@ def test_paper_config_runs_resumes_and_exports_as_shipped(name, flags, wrapper, 
     assert greedy == pytest.approx(summary["final_accuracy"], abs=1e-4)
 
 
-@pytest.mark.parametrize("name, flags", [pytest.param(NOTEBOOK_TPU_CELL, [], id=NOTEBOOK_TPU_CELL)]
-                         + [pytest.param(*p.values, id=p.id) for p in PAPER_RUNS])
+@pytest.mark.parametrize("name, flags", [pytest.param(*p.values, id=p.id) for p in PAPER_RUNS])
 def test_every_run_config_is_valid(name, flags):
     """What every run here trains, the full tier's included: the shipped config on the tiny model with
     SIZES (and the run's flags) passes the run's own checks, in any tier."""
-    config = shipped_on_tiny_model(name, SIZES[name], notebook=NOTEBOOK)
+    config = shipped_on_tiny_model(name, SIZES[name])
     for field, value in _overrides(flags).items():
         *parents, leaf = field.split(".")
         section = config
@@ -250,18 +243,14 @@ def test_every_run_config_is_valid(name, flags):
     validate(config)
 
 
-@full_tier
-def test_notebook_tpu_cell_config_runs(wrapper, tmp_path):
-    """The config the notebook's TPU cell builds (configs.get("arithmetic") and the fields it sets), on
-    the tiny model, for STEPS steps."""
-    cell = notebook_tpu_config(NOTEBOOK)
-    assert cell.model.path == "Qwen/Qwen2.5-0.5B-Instruct" and cell.task == "arithmetic"
-    workdir = tmp_path / "run"
-    _run("sqlm_jax.main", f"--config={wrapper}:{NOTEBOOK_TPU_CELL}", f"--config.workdir={workdir}")
-    recorded = _check_as_shipped(NOTEBOOK_TPU_CELL, workdir, {})
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["steps"] == STEPS and (workdir / "export" / "model.safetensors").is_file()
-    _check_steps(workdir, STEPS, recorded)
+def test_notebook_tpu_cell_trains_colab_tpu_as_shipped():
+    """The notebook's TPU cell hands the Trainer configs/colab_tpu.py as shipped, its own workdir
+    aside: the config that test_colab_tpu runs end to end, so the cell's run is that run."""
+    from sqlm_jax import configs
+    cell, shipped = notebook_tpu_config(NOTEBOOK), configs.get("colab_tpu")
+    assert cell.model.path == "Qwen/Qwen2.5-3B-Instruct" and cell.model.lora.rank > 0
+    cell.workdir = shipped.workdir
+    assert cell.to_dict() == shipped.to_dict()
 
 
 # ----------------------------------------------------------------- the tiny ablations, the pretraining

@@ -158,15 +158,11 @@ def notebook_tpu_config(notebook: Path):
     raise AssertionError(f"{notebook}: the TPU cell never built a Trainer")
 
 
-NOTEBOOK_TPU_CELL = "notebook_tpu_cell"  # `shipped_on_tiny_model`'s name for the notebook's TPU cell
-
-
-def shipped_on_tiny_model(name: str, sizes: dict, notebook: Path | None = None):
-    """configs/NAME.py as shipped (or, for NAME NOTEBOOK_TPU_CELL, the config the Colab notebook's TPU
-    cell builds) on the shipped tiny model of its task (`on_tiny_model`), with the dotted fields of
+def shipped_on_tiny_model(name: str, sizes: dict):
+    """configs/NAME.py as shipped on the shipped tiny model of its task (`on_tiny_model`), with the dotted fields of
     `sizes` set (e.g. {"rollout.batch_size": 2}): every other field as shipped."""
     from sqlm_jax import configs
-    config = notebook_tpu_config(notebook) if name == NOTEBOOK_TPU_CELL else configs.get(name)
+    config = configs.get(name)
     config = on_tiny_model(config)
     for field, value in sizes.items():
         *parents, leaf = field.split(".")

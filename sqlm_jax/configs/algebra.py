@@ -12,6 +12,7 @@ def get_config():
     # Memory knobs left to the plan (-1: the largest that fit the devices; sqlm_jax.auto_knobs).
     c.rl.micro_batch_size = -1
     c.rollout.rows_in_flight = -1
+    c.rollout.offload_to_host = True  # the optimizer state and reference wait in host memory while sampling
     c.rollout.proposer_max_new_tokens = 3072
     c.rollout.solver_max_new_tokens = 3072
     c.eval.max_new_tokens = 3072

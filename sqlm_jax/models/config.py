@@ -23,7 +23,7 @@ class UnsupportedModelError(ValueError):
 class ModelConfig:
     """Shape and numerics of one decoder-only transformer.
 
-    The architecture fields mirror config.json; `param_dtype`, `compute_dtype` and `remat` are runtime
+    The architecture fields mirror config.json; `param_dtype`, `compute_dtype`, `remat` and `query_block` are runtime
     choices (float32 on CPU; bfloat16 compute on TPU/GPU) and are not written to config.json.
     """
 
@@ -47,6 +47,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
+    query_block: int = 512  # attention's queries at a time in long passes (memory only; see `attend`)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -73,7 +74,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], **runtime) -> "ModelConfig":
-        """Builds a config from a parsed config.json; `runtime` sets param_dtype / compute_dtype / remat."""
+        """Builds a config from a parsed config.json; `runtime` sets the runtime fields (param_dtype ...)."""
         arch = _architecture_of(hf)
         family = ARCHITECTURES[arch]
         # transformers 5 nests rope settings in `rope_parameters`; older files use rope_theta/rope_scaling.

@@ -17,24 +17,14 @@ query heads), H head dim, F MLP width.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sqlm_jax import mesh as mesh_lib
+from sqlm_jax.models.attention import LayerCache, attend
 from sqlm_jax.models.config import ModelConfig
-
-
-class LayerCache(NamedTuple):
-    """One layer's keys `k[N, K, H, S]` (transposed) and values `v[N, K, S, H]`. In these layouts both attention products are plain batched matmuls over (N, K) that read the cache
-    in place. With `[N, S, K, H]` for both, XLA on CPU transposed the whole cache every decode step
-    (bench/sampling.py: decoding 4-8x slower in attention at batch 256).
-    """
-
-    k: jax.Array
-    v: jax.Array
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = 0.02) -> nnx.Param:
@@ -110,6 +100,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.group_size = g
+        self.query_block = cfg.query_block
         self.lora_qkv = self.lora_o = None  # LoRA adapters (models/lora.py), attached after loading
 
     def __call__(self, x, positions, kv_mask, rope, cache: LayerCache | None, write_index,
@@ -155,66 +146,12 @@ class Attention(nnx.Module):
         key_slot = jnp.arange(prefix_len + v.shape[2])
         causal = key_slot[None, None, :] <= prefix_len + query_slot[:, :, None]
         mask = kv_mask[:, None, :] & causal  # [N, T, S']
-        out = attend(q, k.astype(dt), v.astype(dt), mask, prefix).reshape(b, t, -1)  # [N, T, K·G·H]
+        out = attend(q, k.astype(dt), v.astype(dt), mask, prefix, self.query_block).reshape(b, t, -1)  # [N, T, K·G·H]
         # One [K·G·H, D] matmul: contracting (heads, H) as two dims made XLA copy the weight every step.
         projected = out @ self.o[...].astype(dt).reshape(out.shape[-1], -1)
         if self.lora_o is not None:
             projected = projected + self.lora_o(out)
         return projected, cache
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-           prefix: LayerCache | None = None) -> jax.Array:
-    """Softmax attention: q `[N, T, K, G, H]`, k `[N, K, H, S]`, v `[N, K, S, H]`, mask `[N, T, S']`
-    -> `[N, T, K, G, H]`. Scores and softmax in float32.
-
-    A `prefix` (keys `[N/n, K, H, P]`, values `[N/n, K, P, H]`) holds P slots shared by each group of
-    n consecutive rows, attended before the row's own S keys (S' = P + S; the mask covers the prefix
-    first). The n samples of a prompt read its keys and values once per group, not once per row:
-    decoding reads the prompt's cache 1/n as often (bench/vs_trl.py: decoding ~6% faster at n = 8).
-    """
-    b, t, kv_heads, g, dh = q.shape
-    scores = _scores(q, k)  # [N, K, G, T, S]
-    if prefix is not None:
-        groups, prefix_len = prefix.k.shape[0], prefix.k.shape[3]
-        grouped_q = q.reshape((groups, -1) + q.shape[1:])  # [N/n, n, T, K, G, H]
-        prefix_scores = jnp.einsum("bntkgh,bkhs->bnkgts", grouped_q, prefix.k.astype(q.dtype))
-        scores = jnp.concatenate([prefix_scores.reshape((b,) + prefix_scores.shape[2:]).astype(jnp.float32),
-                                  scores], axis=-1)
-    scores = scores / math.sqrt(dh)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if prefix is None:
-        return _weighted_values(probs, v, q.dtype)
-    prefix_probs = probs[..., :prefix_len].astype(q.dtype).reshape((groups, -1) + probs.shape[1:-1]
-                                                                    + (prefix_len,))
-    prefix_out = jnp.einsum("bnkgts,bksh->bntkgh", prefix_probs, prefix.v.astype(q.dtype)).reshape(q.shape)
-    return prefix_out + _weighted_values(probs[..., prefix_len:], v, q.dtype)
-
-
-def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
-    """q `[N, T, K, G, H]` · k `[N, K, H, S]` -> `[N, K, G, T, S]` float32, unscaled."""
-    b, t, kv_heads, g, dh = q.shape
-    if t == 1:
-        # One query per row (decoding): multiply-and-sum in float32, which XLA fuses into one pass over
-        # the cache. Its CPU dot for these tiny per-(N, K) products was 3-4x slower (bench/sampling.py).
-        q32 = q[:, 0].astype(jnp.float32)  # [N, K, G, H]
-        return jnp.sum(q32[..., None] * k[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None]
-    # The G·T queries of a kv head as the rows of one plain matmul per (N, K). As an einsum over the
-    # [N, T, K, G, H] layout, XLA on CPU computed transposed products in its slower generic dot:
-    # the reference pass took 4% longer, a training step 2% (bench/vs_trl.py).
-    q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, dh)
-    return (q @ k).reshape(b, kv_heads, g, t, -1).astype(jnp.float32)
-
-
-def _weighted_values(probs: jax.Array, v: jax.Array, dtype) -> jax.Array:
-    """probs `[N, K, G, T, S]` (float32) · v `[N, K, S, H]` -> `[N, T, K, G, H]` in `dtype`."""
-    b, kv_heads, g, t, s = probs.shape
-    if t == 1:
-        out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None].astype(jnp.float32), axis=3)[:, None]
-        return out.astype(dtype)
-    out = probs.astype(dtype).reshape(b, kv_heads, g * t, s) @ v  # [N, K, G·T, H]
-    return out.reshape(b, kv_heads, g, t, -1).transpose(0, 3, 1, 2, 4)
 
 
 class MLP(nnx.Module):

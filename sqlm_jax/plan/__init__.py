@@ -16,9 +16,11 @@ With LoRA (model.lora.rank > 0) the optimizer state and the gradients are the ad
 KL reference is the frozen base itself (no reference copy).
 
 A step has two phases that never hold their big buffers at the same time: sampling (the KV cache) and
-training (gradients, activations, logits). Weights and optimizer state live through both. So
+training (gradients, activations, logits). Weights and optimizer state live through both, unless
+rollout.offload_to_host puts the optimizer states, the reference and the critic in host memory while
+sampling. So
 
-    total per device = resident + max(sampling peak, training peak).
+    total per device = max(resident on the devices while sampling + sampling peak, resident + training peak).
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ class Row:
     phase: str   # resident (whole run) | sampling | training
     bytes: int
     note: str
+    offloaded: bool = False  # resident, but in host memory while sampling (rollout.offload_to_host)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +80,17 @@ class Plan:
     def phase_bytes(self, phase: str) -> int:
         return sum(r.bytes for r in self.rows if r.phase == phase)
 
+    def during(self, phase: str) -> int:
+        """What a device holds while `phase` (sampling | training) runs: its rows and the resident ones
+        on the device then."""
+        held = sum(r.bytes for r in self.rows
+                   if r.phase == "resident" and not (r.offloaded and phase == "sampling"))
+        return held + self.phase_bytes(phase)
+
     @property
     def total(self) -> int:
-        """Resident memory plus the larger of the two phases' peaks (they do not overlap)."""
-        return self.phase_bytes("resident") + max(self.phase_bytes("sampling"),
-                                                  self.phase_bytes("training"))
+        """The larger of the two phases' peaks (they do not overlap), each with the resident memory."""
+        return max(self.during("sampling"), self.during("training"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,7 +104,7 @@ def load_model_config(config) -> ModelConfig:
     (assets/model_configs); any other hub id: its config.json alone from the hub (or the HF cache).
     """
     runtime = dict(param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
-                   remat=bool(config.model.remat))
+                   remat=bool(config.model.remat), query_block=int(config.model.query_block))
     path = str(config.model.path)
     if is_local_path(path):
         return read_model_config(resolve_checkpoint(path), **runtime)
@@ -161,9 +170,10 @@ def _layer_activations(cfg: ModelConfig, mb: int, seq: int, mesh) -> int:
     """Per-device bytes one decoder layer keeps for its backward pass over `[mb, seq]` tokens.
 
     Counted from transformer.py: the layer input, both RMSNorms (float32 statistics), the fused qkv, the
-    roped q and k, the attention scores and probabilities (float32 `[K, G, T, S]`, the quadratic term:
-    no flash attention) and their compute-dtype copy, the attention output, the o projection, the fused
-    gate/up, the SwiGLU product and the down projection.
+    roped q and k, the attention scores and probabilities (float32 `[K, G, T, S]`, the quadratic term,
+    of `query_block` queries at a time when T is longer: models/attention.py) and their compute-dtype
+    copy, the attention output, the o projection, the fused gate/up, the SwiGLU product and the down
+    projection.
     """
     b = np.dtype(cfg.compute_dtype).itemsize
     d, f, k, g, dh = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
@@ -172,14 +182,17 @@ def _layer_activations(cfg: ModelConfig, mb: int, seq: int, mesh) -> int:
         ((d,), ("embed",), 4, 2),                               # float32 norm statistics
         ((k, g + 2, dh), ("kv_heads", None, "head_dim"), b, 1),  # fused qkv
         ((k, g + 1, dh), ("kv_heads", None, "head_dim"), b, 1),  # roped q and k
-        ((k, g, seq), ("kv_heads", None, None), 4, 2),           # scores and probs, float32
-        ((k, g, seq), ("kv_heads", None, None), b, 1),           # probs in the compute dtype
         ((k * g, dh), ("heads", "head_dim"), b, 1),              # attention output
         ((2, f), (None, "mlp"), b, 1),                           # fused gate/up
         ((f,), ("mlp",), b, 2),                                  # silu(gate), silu(gate) * up
     ]
-    return sum(copies * shard_bytes((mb, seq) + shape, ("batch", None) + axes, size, mesh)
-               for shape, axes, size, copies in per_token)
+    queries = min(seq, cfg.query_block or seq)
+    scores = [((mb, queries, k, g, seq), 4, 2),  # scores and probs, float32
+              ((mb, queries, k, g, seq), b, 1)]  # probs in the compute dtype
+    return (sum(copies * shard_bytes((mb, seq) + shape, ("batch", None) + axes, size, mesh)
+                for shape, axes, size, copies in per_token)
+            + sum(copies * shard_bytes(shape, ("batch", None, "kv_heads", None, None), size, mesh)
+                  for shape, size, copies in scores))
 
 
 def _training_rows(config, cfg: ModelConfig, mesh, trained: int) -> list[Row]:
@@ -248,14 +261,18 @@ def memory_plan(config, model_cfg: ModelConfig, mesh_shape: Mapping[str, int]) -
     adapters = weights_bytes(param_layout(model_cfg, spec), mesh) if spec.rank else 0
     trained = adapters if spec.rank else weights
     lora_note = f" + LoRA rank {spec.rank} adapters ({adapters / 2**20:.1f} MiB float32)" if spec.rank else ""
+    host = bool(config.rollout.offload_to_host)
+    held = " (host memory while sampling)" if host else ""
     rows = [Row("parameters", "resident", weights + adapters,
                 f"{model_cfg.num_params() / 1e9:.2f}B {dtype}, sharded by the logical-axis rules{lora_note}"),
             Row("optimizer state", "resident", 2 * trained,
-                "AdamW mu + nu of the adapters" if spec.rank else f"AdamW mu + nu ({dtype}, as the params)")]
+                ("AdamW mu + nu of the adapters" if spec.rank else f"AdamW mu + nu ({dtype}, as the params)")
+                + held, host)]
     if config.rl.use_kl and not spec.rank:
-        rows.append(Row("reference weights", "resident", weights, "frozen initial policy for the KL term"))
+        rows.append(Row("reference weights", "resident", weights, "frozen initial policy for the KL term" + held,
+                        host))
     if config.rl.advantage == "gae":
-        rows.append(Row("critic", "resident", 3 * weights, "value model weights + AdamW mu, nu"))
+        rows.append(Row("critic", "resident", 3 * weights, "value model weights + AdamW mu, nu" + held, host))
     rows += _sampling_rows(config, model_cfg, mesh) + _training_rows(config, model_cfg, mesh, trained)
     sizes = {a: int(mesh_shape.get(a, 1)) for a in mesh_lib.AXES}
     title = (f"{config.model.path} ({model_cfg.num_params() / 1e9:.2f}B params, {dtype} weights, "
@@ -279,7 +296,7 @@ def format_plan(plan: Plan) -> str:
     lines += [f"{r.phase:<10}{r.name:<22}{_gib(r.bytes)}  {r.note}" for r in plan.rows]
     lines.append("-" * 72)
     lines += [f"{p:<10}{'subtotal':<22}{_gib(plan.phase_bytes(p))}" for p in PHASES]
-    lines.append(f"{'total':<32}{_gib(plan.total)}  resident + max(sampling, training)")
+    lines.append(f"{'total':<32}{_gib(plan.total)}  the larger phase with what is resident on the device then")
     return "\n".join(lines)
 
 

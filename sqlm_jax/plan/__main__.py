@@ -44,7 +44,7 @@ def compiled_report(config, model_cfg, family: str, devices, estimate: plan.Plan
                            log=lambda line: print(line, file=sys.stderr, flush=True))
     usable = aot.usable_bytes(family)
     limit = int(usable * (1 - COMPILED_SPARE))
-    planned = lambda p: estimate.phase_bytes("resident") + estimate.phase_bytes(p.phase)
+    planned = lambda p: estimate.during(p.phase)
     lines = [f"Compiled for {len(devices)} {family} chip(s) by XLA's TPU compiler, GiB per chip "
              f"(usable {usable / GiB:.2f}; fits with {COMPILED_SPARE:.0%} to spare: <= {limit / GiB:.2f})",
              f"{'program':<24}{'args':>7}{'outs':>7}{'temps':>7}{'code':>6}{'beside':>8}{'total':>8}"
