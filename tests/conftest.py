@@ -35,10 +35,11 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # README's command: a module runs whole on one worker, its module-scoped fixtures built once; pytest.ini
 # keeps xdist from reordering them) neither worker is left with a long module at the end while the other
 # idles. Order: `--durations=0` summed per module (docs/benchmarks.md, "Test suite wall time").
-SLOW_FIRST = ("test_shipped_configs", "test_train", "test_distributed", "test_tiny_config", "test_kill_resume",
-              "test_tiny_coding", "test_tiny_algebra", "test_sampling", "test_resume_errors", "test_pretrain",
-              "test_sandbox_load", "test_plan", "test_chunked_loss", "test_train_step", "test_toolbox_runs",
-              "test_lora", "test_lora_run", "test_models", "test_reward_to_update", "test_loss_agg", "test_rl",
+SLOW_FIRST = ("test_shipped_configs", "test_shipped_algebra", "test_train", "test_distributed",
+              "test_tiny_config", "test_kill_resume", "test_tiny_coding", "test_tiny_algebra", "test_sampling",
+              "test_resume_errors", "test_pretrain", "test_sandbox_load", "test_shipped_tiny_configs",
+              "test_plan", "test_chunked_loss", "test_train_step", "test_toolbox_runs", "test_lora",
+              "test_lora_run", "test_models", "test_reward_to_update", "test_loss_agg", "test_rl",
               "test_sandbox", "test_dynamic_sampling", "test_toolbox_losses")
 
 
