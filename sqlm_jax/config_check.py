@@ -69,8 +69,8 @@ def validate(config, num_batch_devices: int | None = None) -> None:
     if rl.micro_batch_size > 0 and mini_sequences % rl.micro_batch_size:  # -1: auto_knobs picks a divisor
         raise ConfigError(f"rl.micro_batch_size={rl.micro_batch_size} must divide the "
                           f"{mini_sequences} sequences of a mini-batch (rl.mini_batch_size × rollout.n)")
-    if config.model.query_block < 0:
-        raise ConfigError(f"model.query_block={config.model.query_block} must be >= 0 (0: all queries at once)")
+    if config.model.seq_block < 0:
+        raise ConfigError(f"model.seq_block={config.model.seq_block} must be >= 0 (0: all positions at once)")
     if rl.loss_agg_chunk < 1 or rl.logits_chunk_mib <= 0:
         raise ConfigError(f"rl.loss_agg_chunk={rl.loss_agg_chunk} must be >= 1 and "
                           f"rl.logits_chunk_mib={rl.logits_chunk_mib} positive")

@@ -143,7 +143,7 @@ def evaluate_config(config, model_path: str, *, num_problems: int | None = None,
     task = get_task(c.task, **{k: v for k, v in c.task_options.items() if v is not None})
     mesh = mesh_lib.make_mesh(dict(c.mesh))
     model, _ = load_pretrained(model_path, mesh=mesh, dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
-                               query_block=c.model.query_block)
+                               seq_block=c.model.seq_block)
     tokenizer = load_tokenizer(model_path)
     problems, dropped = drop_overlong(tokenizer, task, task.heldout_problems(num_problems or c.eval.num_problems,
                                                                              c.eval.seed), c.eval.max_prompt_len)

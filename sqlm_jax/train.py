@@ -81,7 +81,7 @@ class Trainer:
         plan.check_fits(c, model_cfg, dict(self.mesh.shape), device_bytes)
         load = lambda: load_pretrained(c.model.path, mesh=self.mesh, dtype=c.model.param_dtype,
                                        compute_dtype=c.model.compute_dtype, remat=c.model.remat,
-                                       query_block=c.model.query_block)
+                                       seq_block=c.model.seq_block)
         model, self.model_config = load()
         critic = None
         if c.rl.advantage == "gae":

@@ -23,7 +23,7 @@ class UnsupportedModelError(ValueError):
 class ModelConfig:
     """Shape and numerics of one decoder-only transformer.
 
-    The architecture fields mirror config.json; `param_dtype`, `compute_dtype`, `remat` and `query_block` are runtime
+    The architecture fields mirror config.json; `param_dtype`, `compute_dtype`, `remat` and `seq_block` are runtime
     choices (float32 on CPU; bfloat16 compute on TPU/GPU) and are not written to config.json.
     """
 
@@ -47,7 +47,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
-    query_block: int = 512  # attention's queries at a time in long passes (memory only; see `attend`)
+    seq_block: int = 512  # positions per row at a time through attention's queries and the MLP (memory only)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

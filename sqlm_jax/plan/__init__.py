@@ -104,7 +104,7 @@ def load_model_config(config) -> ModelConfig:
     (assets/model_configs); any other hub id: its config.json alone from the hub (or the HF cache).
     """
     runtime = dict(param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
-                   remat=bool(config.model.remat), query_block=int(config.model.query_block))
+                   remat=bool(config.model.remat), seq_block=int(config.model.seq_block))
     path = str(config.model.path)
     if is_local_path(path):
         return read_model_config(resolve_checkpoint(path), **runtime)
@@ -170,10 +170,10 @@ def _layer_activations(cfg: ModelConfig, mb: int, seq: int, mesh) -> int:
     """Per-device bytes one decoder layer keeps for its backward pass over `[mb, seq]` tokens.
 
     Counted from transformer.py: the layer input, both RMSNorms (float32 statistics), the fused qkv, the
-    roped q and k, the attention scores and probabilities (float32 `[K, G, T, S]`, the quadratic term,
-    of `query_block` queries at a time when T is longer: models/attention.py) and their compute-dtype
-    copy, the attention output, the o projection, the fused gate/up, the SwiGLU product and the down
-    projection.
+    roped q and k, the attention output, the o projection and the down projection over the whole row;
+    over `seq_block` positions at a time when T is longer (models/attention.py, the MLP): the attention
+    scores and probabilities (float32 `[K, G, T, S]`, the quadratic term) and their compute-dtype copy,
+    the fused gate/up and the SwiGLU product.
     """
     b = np.dtype(cfg.compute_dtype).itemsize
     d, f, k, g, dh = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
@@ -183,14 +183,15 @@ def _layer_activations(cfg: ModelConfig, mb: int, seq: int, mesh) -> int:
         ((k, g + 2, dh), ("kv_heads", None, "head_dim"), b, 1),  # fused qkv
         ((k, g + 1, dh), ("kv_heads", None, "head_dim"), b, 1),  # roped q and k
         ((k * g, dh), ("heads", "head_dim"), b, 1),              # attention output
-        ((2, f), (None, "mlp"), b, 1),                           # fused gate/up
-        ((f,), ("mlp",), b, 2),                                  # silu(gate), silu(gate) * up
     ]
-    queries = min(seq, cfg.query_block or seq)
-    scores = [((mb, queries, k, g, seq), 4, 2),  # scores and probs, float32
-              ((mb, queries, k, g, seq), b, 1)]  # probs in the compute dtype
-    return (sum(copies * shard_bytes((mb, seq) + shape, ("batch", None) + axes, size, mesh)
-                for shape, axes, size, copies in per_token)
+    block = min(seq, cfg.seq_block or seq)
+    per_block = [((2, f), (None, "mlp"), b, 1),                 # fused gate/up
+                 ((f,), ("mlp",), b, 2)]                        # silu(gate), silu(gate) * up
+    scores = [((mb, block, k, g, seq), 4, 2),  # scores and probs, float32
+              ((mb, block, k, g, seq), b, 1)]  # probs in the compute dtype
+    over = lambda positions, rows: sum(copies * shard_bytes((mb, positions) + shape, ("batch", None) + axes,
+                                                            size, mesh) for shape, axes, size, copies in rows)
+    return (over(seq, per_token) + over(block, per_block)
             + sum(copies * shard_bytes(shape, ("batch", None, "kv_heads", None, None), size, mesh)
                   for shape, size, copies in scores))
 
