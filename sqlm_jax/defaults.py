@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
         # Long passes (the update, the log-prob passes) run each row's positions this many at a time
         # through attention's queries and the MLP, each block recomputed in the backward pass, so only
         # one block's scores and MLP activations are alive: memory only, the same results; 0 = all at once.
-        "seq_block": 512,
+        "seq_block": 256,
         # LoRA (Hu et al. 2021): rank 0 = full fine-tuning (the reference). rank > 0 trains low-rank
         # adapters on the named projections only; the frozen base is the KL reference (no second copy).
         "lora": ml_collections.ConfigDict({

@@ -40,8 +40,10 @@ _ARITHMETIC = {**_SMALL, "rollout.proposer_max_new_tokens": 16, "rollout.solver_
                "eval.max_new_tokens": 48}
 SIZES = {
     "arithmetic": _ARITHMETIC,
+    # Its micro-batch of 8 sequences does not divide a mini-batch of one row (4 sequences): 4; its 512
+    # rows in flight of the solver's 1,024: 16 of 32 here, so that slots are refilled as shipped.
     "algebra": {**_SMALL, "rollout.proposer_max_new_tokens": 112, "rollout.solver_max_new_tokens": 64,
-                "eval.max_new_tokens": 64},
+                "eval.max_new_tokens": 64, "rl.micro_batch_size": 4, "rollout.rows_in_flight": 16},
     # One prompt row (4 proposals, 16 programs): coding's steps are the longest (its answers, the
     # critic), and its solver prompts (the proposed problems) change length, and so compile, each step.
     "coding": {**_SMALL, "rollout.batch_size": 1, "rollout.proposer_max_new_tokens": 336,

@@ -47,7 +47,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
-    seq_block: int = 512  # positions per row at a time through attention's queries and the MLP (memory only)
+    seq_block: int = 256  # positions per row at a time through attention's queries and the MLP (memory only)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

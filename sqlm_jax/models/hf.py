@@ -144,7 +144,7 @@ def _read_tensor(file: Path, name: str) -> np.ndarray:
 
 
 def load_pretrained(path_or_hub_id, *, mesh: jax.sharding.Mesh | None = None, dtype: str = "float32",
-                    compute_dtype: str | None = None, remat: bool = False, seq_block: int = 512,
+                    compute_dtype: str | None = None, remat: bool = False, seq_block: int = 256,
                     rules=mesh_lib.DEFAULT_RULES) -> tuple[Transformer, ModelConfig]:
     """Loads an HF checkpoint (local folder or hub id) as our `Transformer`, sharded over `mesh`.
 
