@@ -46,8 +46,11 @@ SIZES = {
                 "eval.max_new_tokens": 64, "rl.micro_batch_size": 4, "rollout.rows_in_flight": 16},
     # One prompt row (4 proposals, 16 programs): coding's steps are the longest (its answers, the
     # critic), and its solver prompts (the proposed problems) change length, and so compile, each step.
+    # Its micro-batch of 8 does not divide a mini-batch of 4 sequences: 4; its 256 rows in flight of the
+    # solver's 16,384: 8 of 16 here, so that slots are refilled as shipped.
     "coding": {**_SMALL, "rollout.batch_size": 1, "rollout.proposer_max_new_tokens": 336,
-               "rollout.solver_max_new_tokens": 208, "eval.max_new_tokens": 208},
+               "rollout.solver_max_new_tokens": 208, "eval.max_new_tokens": 208, "rl.micro_batch_size": 4,
+               "rollout.rows_in_flight": 8},
     # Its 64 rows in flight of the solver's 256: 8 of 32 here, so that slots are refilled as shipped.
     "colab_tpu": {**_ARITHMETIC, "rollout.rows_in_flight": 8},
 }

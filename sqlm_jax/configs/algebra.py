@@ -11,6 +11,7 @@ def get_config():
     c.model.remat = True
     # Memory knobs, set by the TPU compiler's account on a v5e-8 (tpu/README.md): the plan (-1, auto)
     # picks a micro-batch of 16, which XLA puts at 15.2 GiB per chip, over the 14.96 limit; 8 is 14.4.
+    # On a slice of more than 8 chips the micro-batch must be a multiple of the chips: -1 there.
     c.rl.micro_batch_size = 8
     c.rollout.rows_in_flight = 512
     c.rollout.offload_to_host = True  # the optimizer state and reference wait in host memory while sampling
