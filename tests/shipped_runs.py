@@ -36,8 +36,9 @@ STEPS = 2
 # tiny models' answers need (configs/tiny*.py); 8 held-out problems.
 _SMALL = {"rollout.batch_size": 2, "rl.mini_batch_size": 1, "train.steps": STEPS, "eval.num_problems": 8,
           "rl.proposer_update_freq": STEPS}
+# arithmetic's micro-batch of 16 does not divide a mini-batch of one row (4 sequences): 4.
 _ARITHMETIC = {**_SMALL, "rollout.proposer_max_new_tokens": 16, "rollout.solver_max_new_tokens": 48,
-               "eval.max_new_tokens": 48}
+               "eval.max_new_tokens": 48, "rl.micro_batch_size": 4}
 SIZES = {
     "arithmetic": _ARITHMETIC,
     # Its micro-batch of 8 sequences does not divide a mini-batch of one row (4 sequences): 4; its 512
