@@ -244,21 +244,24 @@ def prompt_pass(model: Transformer, tokens: jax.Array, mask: jax.Array, mesh: Me
     c = max(k for k in range(1, per_block + 1) if per_block % k == 0 and (k * p <= PREFILL_TOKENS or k == 1))
     blocks = lambda x: x.reshape((d, per_block) + x.shape[1:])
 
+    def run(tokens, positions, mask):  # [N, P] -> last hidden [N, D], cache
+        hidden, cache = model.hidden_states(tokens, positions, mask,
+                                            cache=_constrain_cache(model.init_cache(tokens.shape[0], p), mesh))
+        return mesh_lib.constrain_rows(hidden[:, -1], mesh), _constrain_cache(cache, mesh)
+
+    if c == per_block:  # one piece: no whole cache to write it into
+        return run(tokens, positions, mask)
+
     def piece(i, done):
-        last, cache = done
         take = lambda x: jax.lax.dynamic_slice_in_dim(blocks(x), i * c, c, 1).reshape((d * c,) + x.shape[1:])
         put = lambda whole, part: jax.lax.dynamic_update_slice_in_dim(
             blocks(whole), part.reshape((d, c) + part.shape[1:]), i * c, 1).reshape(whole.shape)
-        hidden, new = model.hidden_states(take(tokens), take(positions), take(mask),
-                                          cache=_constrain_cache(model.init_cache(d * c, p), mesh))
-        return (mesh_lib.constrain_rows(put(last, hidden[:, -1]), mesh),
-                _constrain_cache(jax.tree.map(put, cache, new), mesh))
+        last, cache = jax.tree.map(put, done, run(take(tokens), take(positions), take(mask)))
+        return mesh_lib.constrain_rows(last, mesh), _constrain_cache(cache, mesh)
 
-    empty = (mesh_lib.constrain_rows(jnp.zeros((b, model.config.hidden_size), model.config.compute_dtype), mesh),
-             _constrain_cache(model.init_cache(b, p), mesh))
-    if c == per_block:
-        return piece(0, empty)
-    return jax.lax.fori_loop(0, per_block // c, piece, empty)
+    empty = (jnp.zeros((b, model.config.hidden_size), model.config.compute_dtype), model.init_cache(b, p))
+    return jax.lax.fori_loop(0, per_block // c, piece, (mesh_lib.constrain_rows(empty[0], mesh),
+                                                        _constrain_cache(empty[1], mesh)))
 
 
 def _prefill(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array,
