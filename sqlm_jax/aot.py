@@ -251,8 +251,57 @@ class AbstractRun:
                 temporaries=memory.temp_size_in_bytes, code=memory.generated_code_size_in_bytes,
                 outside=self.outside(phase, *passed), flops=float(cost.get("flops", 0.0)),
                 bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_s=seconds))
-            log(f"compiled {name} in {seconds:.0f} s: {compiled[-1].total / GiB:.2f} GiB per chip")
+            knobs = (f"micro-batch {self.config.rl.micro_batch_size}" if phase == "training" else
+                     f"{self.config.rollout.rows_in_flight or 'all'} rows in flight")
+            log(f"compiled {name} ({knobs}) in {seconds:.0f} s: {compiled[-1].total / GiB:.2f} GiB per chip")
         return compiled
+
+
+class CompiledJudge:
+    """The TPU compiler as the judge of a run's fit (auto_knobs.resolve, plan --compile, a TPU run's
+    start): `judge(config, phase)` is the most one chip holds in that phase's largest programs, compiled
+    at the config's knobs; `limit` what it may hold. Compiled programs are kept by name and config, so
+    the knob search and the report compile each at most once."""
+
+    def __init__(self, model_cfg: ModelConfig, devices, usable: int, spare: float = 0.05, log=print):
+        self.model_config, self.devices, self.log = model_cfg, devices, log
+        self.usable, self.limit = usable, int(usable * (1 - spare))
+        self._compiled: dict[tuple[str, str], Program] = {}
+
+    def largest(self, config) -> dict[str, str]:
+        """Phase -> the programs that bound it: the role with the longer responses (the solver on a
+        tie; the other role's programs have the same shapes or shorter ones), its sampler in sampling,
+        its policy update (and its critic's) in training."""
+        r = config.rollout
+        role = "proposer" if r.proposer_max_new_tokens > r.solver_max_new_tokens else "solver"
+        training = [f"{role} policy update"] + ([f"{role} critic update"] if config.rl.advantage == "gae" else [])
+        return {"sampling": [f"{role} sampler"], "training": training}
+
+    def programs(self, config, names=None) -> list[Program]:
+        """The named programs (default: every program of a step) compiled at `config`'s knobs."""
+        key = config.to_json_best_effort(sort_keys=True)
+        run = AbstractRun.build(config, self.model_config, self.devices)
+        wanted = [name for name, *_ in run.programs() if names is None or name in names]
+        missing = [name for name in wanted if (name, key) not in self._compiled]
+        if missing:
+            for program in run.compile(only=missing.__contains__, log=self.log):
+                self._compiled[program.name, key] = program
+        return [self._compiled[name, key] for name in wanted]
+
+    def __call__(self, config, phase: str) -> int:
+        return max(p.total for p in self.programs(config, self.largest(config)[phase]))
+
+
+def check_fits(judge: CompiledJudge, config, estimate) -> None:
+    """Raises plan.MemoryPlanError, with the compiler's figure per phase and what to change, unless
+    both phases' largest programs fit `judge.limit` per chip."""
+    from sqlm_jax.plan import MemoryPlanError, advice
+    figures = {phase: judge(config, phase) for phase in ("training", "sampling")}
+    if any(total > judge.limit for total in figures.values()):
+        raise MemoryPlanError("\n".join(
+            [f"{phase}: {total / GiB:.2f} GiB per chip by the TPU compiler, "
+             f"{'over' if total > judge.limit else 'within'} the limit of {judge.limit / GiB:.2f}"
+             for phase, total in figures.items()] + [advice(estimate, config)]))
 
 
 def _cost(program) -> dict[str, float]:

@@ -75,10 +75,19 @@ class Trainer:
         self.mesh = mesh_lib.make_mesh(dict(c.mesh))
         validate(c, num_batch_devices=self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         # Memory knobs left at -1 ("auto") become the largest that fit (auto_knobs); then refuse up front,
-        # with the per-device table, a run that cannot fit (before any weight loads).
+        # with the per-device table, a run that cannot fit (before any weight loads). On TPU the
+        # compiler judges, from the programs themselves (the plan is a quarter low there).
         model_cfg, device_bytes = plan.load_model_config(c), plan.local_device_bytes()
-        self.config = c = auto_knobs.resolve(c, model_cfg, dict(self.mesh.shape), device_bytes)
-        plan.check_fits(c, model_cfg, dict(self.mesh.shape), device_bytes)
+        judge = None
+        if jax.devices()[0].platform == "tpu":
+            from sqlm_jax import aot
+            judge = aot.CompiledJudge(model_cfg, jax.devices(), device_bytes,
+                                      log=print if jax.process_index() == 0 else lambda line: None)
+        self.config = c = auto_knobs.resolve(c, model_cfg, dict(self.mesh.shape), device_bytes, judge)
+        if judge is None:
+            plan.check_fits(c, model_cfg, dict(self.mesh.shape), device_bytes)
+        else:
+            aot.check_fits(judge, c, plan.memory_plan(c, model_cfg, dict(self.mesh.shape)))
         load = lambda: load_pretrained(c.model.path, mesh=self.mesh, dtype=c.model.param_dtype,
                                        compute_dtype=c.model.compute_dtype, remat=c.model.remat,
                                        seq_block=c.model.seq_block)

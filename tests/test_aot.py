@@ -111,3 +111,26 @@ def test_the_buffers_beside_each_program(offload):
     beside = run.outside(*passed["solver sampler"][:1], *passed["solver sampler"][1])
     assert beside == (0 if offload else optimizer + reference + 4)  # + the step counter
     assert run.outside("training", *passed["solver policy update"][1]) == reference
+
+
+def test_the_tpu_compiler_judges_the_auto_micro_batch():
+    """`-1` on a TPU slice: the plan's pick (the whole mini-batch, 32 sequences) is compiled first;
+    with room for 16 only, by XLA's figure, the search settles on 16, each program compiled once."""
+    from sqlm_jax import auto_knobs
+    run = _run("algebra", "v5e-8", 64)
+    c = run.config
+    c.rl.micro_batch_size = auto_knobs.AUTO  # 8 prompts × n = 4: candidates 32, 16, 8
+    judge = aot.CompiledJudge(MODEL, list(run.mesh.devices.flat), aot.usable_bytes("v5e"))
+    at16 = c.copy_and_resolve_references()
+    at16.rl.micro_batch_size = 16
+    judge.limit = judge(at16, "training")
+    resolved = auto_knobs.resolve(c, MODEL, dict(run.mesh.shape), 1 << 40, judge)
+    assert resolved.rl.micro_batch_size == 16 and resolved.rollout.rows_in_flight == 64
+    assert sorted(knobs_of(key) for _, key in judge._compiled) == [16, 32]
+    assert judge.programs(resolved, ["solver policy update"])[0].total == judge.limit  # kept, not recompiled
+    assert len(judge._compiled) == 2
+
+
+def knobs_of(key: str) -> int:
+    import json
+    return json.loads(key)["rl"]["micro_batch_size"]

@@ -12,12 +12,10 @@ def get_config():
     c.model.path = "Qwen/Qwen2.5-Coder-3B-Instruct"
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True
-    # Memory knobs left to the plan (-1: the largest that fit the devices; sqlm_jax.auto_knobs).
-    # Memory knobs, set by the TPU compiler's account on a v5e-8 (tpu/README.md): the plan (-1, auto)
-    # picks a micro-batch of 32, which XLA puts at 16.9 GiB per chip, over the 14.96 limit; 8 is 14.7.
-    # On a slice of more than 8 chips the micro-batch must be a multiple of the chips: -1 there.
-    c.rl.micro_batch_size = 8
-    c.rollout.rows_in_flight = 256
+    # Memory knobs: -1, the largest that fit the slice (sqlm_jax.auto_knobs; on TPU the TPU compiler
+    # judges, from the plan's pick down; per-slice figures in tpu/README.md). Neither changes a token.
+    c.rl.micro_batch_size = -1
+    c.rollout.rows_in_flight = -1
     c.rollout.offload_to_host = True  # the optimizer state and reference wait in host memory while sampling
     c.rollout.batch_size = 1024
     c.rollout.proposer_max_new_tokens = 512

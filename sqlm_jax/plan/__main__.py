@@ -31,19 +31,16 @@ def parse_mesh(text: str) -> dict[str, int]:
         raise mesh_lib.MeshError(f"--mesh={text!r}: write it as data=1,fsdp=4,tensor=2") from None
 
 
-def compiled_report(config, model_cfg, family: str, devices, estimate: plan.Plan, only: list[str] | None = None
+def compiled_report(config, judge, family: str, estimate: plan.Plan, only: list[str] | None = None
                     ) -> tuple[str, dict]:
     """The compiled programs' table (GiB per chip) and the --json object; `only`: these programs."""
     from sqlm_jax import aot
-    run = aot.AbstractRun.build(config, model_cfg, devices)
-    names = [name for name, *_ in run.programs()]
+    names = [name for name, *_ in aot.AbstractRun.build(config, judge.model_config, judge.devices).programs()]
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise ValueError(f"--programs: no program {unknown}; the programs are {names}")
-    programs = run.compile(only=lambda name: not only or name in only,
-                           log=lambda line: print(line, file=sys.stderr, flush=True))
-    usable = aot.usable_bytes(family)
-    limit = int(usable * (1 - COMPILED_SPARE))
+    programs = judge.programs(config, only)
+    devices, usable, limit = judge.devices, judge.usable, judge.limit
     planned = lambda p: estimate.during(p.phase)
     lines = [f"Compiled for {len(devices)} {family} chip(s) by XLA's TPU compiler, GiB per chip "
              f"(usable {usable / GiB:.2f}; fits with {COMPILED_SPARE:.0%} to spare: <= {limit / GiB:.2f})",
@@ -55,7 +52,7 @@ def compiled_report(config, model_cfg, family: str, devices, estimate: plan.Plan
                      f"{planned(p) / p.total:9.2f}  {'fits' if p.total <= limit else 'does NOT fit'}")
     fits = all(p.total <= limit for p in programs)
     record = {"fits": fits, "usable_bytes": usable, "limit_bytes": limit, "accelerator": family,
-              "chips": len(devices), "mesh": dict(run.mesh.shape),
+              "chips": len(devices), "mesh": dict(config.mesh),
               "knobs": {"rl.micro_batch_size": config.rl.micro_batch_size,
                         "rollout.rows_in_flight": config.rollout.rows_in_flight},
               "programs": [{"name": p.name, "phase": p.phase, "total_bytes": p.total, "plan_bytes": planned(p),
@@ -76,7 +73,7 @@ def main(argv: list[str]) -> None:
     try:
         sizes = parse_mesh(f.mesh) if f.mesh else dict(config.mesh)
         family, chips = parse_accelerator(f.accelerator) if f.accelerator else (None, None)
-        devices = None
+        judge = None
         if f.compile:
             from sqlm_jax import aot
             family, devices = aot.slice_devices(f.accelerator or "")
@@ -88,7 +85,11 @@ def main(argv: list[str]) -> None:
         model_cfg = plan.load_model_config(config)
         budget = (accelerator_bytes(family, math.prod(mesh_shape.values())) if family is not None
                   else local_device_bytes())
-        config = auto_knobs.resolve(config, model_cfg, mesh_shape, budget)
+        if f.compile:  # the TPU compiler judges the auto knobs (auto_knobs: from the plan's pick down)
+            config.mesh = mesh_shape
+            judge = aot.CompiledJudge(model_cfg, devices, aot.usable_bytes(family), COMPILED_SPARE,
+                                      log=lambda line: print(line, file=sys.stderr, flush=True))
+        config = auto_knobs.resolve(config, model_cfg, mesh_shape, budget, judge)
         estimate = plan.memory_plan(config, model_cfg, mesh_shape)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
@@ -99,10 +100,9 @@ def main(argv: list[str]) -> None:
     if family is not None:
         print(plan.fit_line(estimate, budget, family))
         fits = estimate.total <= plan.usable_bytes(budget)
-    if devices is not None:
-        config.mesh = mesh_shape
+    if judge is not None:
         try:
-            table, record = compiled_report(config, model_cfg, family, devices, estimate,
+            table, record = compiled_report(config, judge, family, estimate,
                                             [p.strip() for p in f.programs.split(",")] if f.programs else None)
         except ValueError as e:
             sys.exit(f"error: {e}")
