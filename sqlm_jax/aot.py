@@ -21,6 +21,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -125,6 +126,7 @@ class Program:
     flops: float
     bytes_accessed: float
     compile_s: float
+    exhausted: bool = False      # XLA refused it for memory: temporaries are its figure, the rest unknown
 
     @property
     def total(self) -> int:
@@ -236,24 +238,37 @@ class AbstractRun:
         return out
 
     def compile(self, only: Callable[[str], bool] = lambda name: True, log=print) -> list[Program]:
-        """Every program compiled for the slice, with its per-chip memory and cost."""
+        """Every program compiled for the slice, with its per-chip memory and cost. A program whose
+        temporaries alone exceed the chip (XLA refuses it: RESOURCE_EXHAUSTED) comes back with the
+        temporaries XLA names, its resident arguments, and `exhausted` set."""
         compiled = []
         for name, phase, lower, passed in self.programs():
             if not only(name):
                 continue
             start = time.perf_counter()
-            program = lower().compile()
-            seconds = time.perf_counter() - start
-            memory, cost = program.memory_analysis(), _cost(program)
-            compiled.append(Program(
-                name=name, phase=phase, arguments=memory.argument_size_in_bytes,
-                outputs=memory.output_size_in_bytes - memory.alias_size_in_bytes,
-                temporaries=memory.temp_size_in_bytes, code=memory.generated_code_size_in_bytes,
-                outside=self.outside(phase, *passed), flops=float(cost.get("flops", 0.0)),
-                bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_s=seconds))
+            try:
+                program = lower().compile()
+            except Exception as e:  # XLA's out-of-memory verdict is a fit figure, not a failure
+                temporaries = exhausted_temporaries(str(e))
+                if temporaries is None:
+                    raise
+                arguments = sum(per_chip_bytes(self.resident()[arg]) for arg in passed)
+                compiled.append(Program(name=name, phase=phase, arguments=arguments, outputs=0,
+                                        temporaries=temporaries, code=0, outside=self.outside(phase, *passed),
+                                        flops=0.0, bytes_accessed=0.0, compile_s=time.perf_counter() - start,
+                                        exhausted=True))
+            else:
+                memory, cost = program.memory_analysis(), _cost(program)
+                compiled.append(Program(
+                    name=name, phase=phase, arguments=memory.argument_size_in_bytes,
+                    outputs=memory.output_size_in_bytes - memory.alias_size_in_bytes,
+                    temporaries=memory.temp_size_in_bytes, code=memory.generated_code_size_in_bytes,
+                    outside=self.outside(phase, *passed), flops=float(cost.get("flops", 0.0)),
+                    bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_s=time.perf_counter() - start))
             knobs = (f"micro-batch {self.config.rl.micro_batch_size}" if phase == "training" else
                      f"{self.config.rollout.rows_in_flight or 'all'} rows in flight")
-            log(f"compiled {name} ({knobs}) in {seconds:.0f} s: {compiled[-1].total / GiB:.2f} GiB per chip")
+            log(f"compiled {name} ({knobs}) in {compiled[-1].compile_s:.0f} s: {compiled[-1].total / GiB:.2f} "
+                f"GiB per chip{' (XLA: its temporaries alone exceed the chip)' if compiled[-1].exhausted else ''}")
         return compiled
 
 
@@ -292,6 +307,13 @@ class CompiledJudge:
         return max(p.total for p in self.programs(config, self.largest(config)[phase]))
 
 
+def judge_on_this_host(model_cfg: ModelConfig, device_bytes: int, log=print) -> CompiledJudge | None:
+    """The compiler as judge where this process runs on TPU (the plan is a quarter low there); None
+    elsewhere, where the plan, calibrated on XLA's CPU compiler, judges."""
+    devices = jax.devices()
+    return CompiledJudge(model_cfg, devices, device_bytes, log=log) if devices[0].platform == "tpu" else None
+
+
 def check_fits(judge: CompiledJudge, config, estimate) -> None:
     """Raises plan.MemoryPlanError, with the compiler's figure per phase and what to change, unless
     both phases' largest programs fit `judge.limit` per chip."""
@@ -302,6 +324,16 @@ def check_fits(judge: CompiledJudge, config, estimate) -> None:
             [f"{phase}: {total / GiB:.2f} GiB per chip by the TPU compiler, "
              f"{'over' if total > judge.limit else 'within'} the limit of {judge.limit / GiB:.2f}"
              for phase, total in figures.items()] + [advice(estimate, config)]))
+
+
+_EXHAUSTED = re.compile(r"RESOURCE_EXHAUSTED.*?temporaries \(([\d.]+)([KMGT])\)", re.S)
+
+
+def exhausted_temporaries(message: str) -> int | None:
+    """The temporaries' bytes in XLA's out-of-memory refusal ("...the total memory required for HLO
+    temporaries (33.19G) exceeds available HBM (30.75G)"), None for any other error."""
+    found = _EXHAUSTED.search(message)
+    return None if found is None else int(float(found[1]) * 1024 ** "KMGT".index(found[2]) * 1024)
 
 
 def _cost(program) -> dict[str, float]:

@@ -28,7 +28,7 @@ import jax
 from flax import nnx
 from tqdm import tqdm
 
-from sqlm_jax import auto_knobs, distributed, dynamic_sampling, learner, plan
+from sqlm_jax import aot, auto_knobs, distributed, dynamic_sampling, learner, plan
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax.checkpoints import Checkpointer, CheckpointProblem
 from sqlm_jax.config_check import validate
@@ -78,11 +78,8 @@ class Trainer:
         # with the per-device table, a run that cannot fit (before any weight loads). On TPU the
         # compiler judges, from the programs themselves (the plan is a quarter low there).
         model_cfg, device_bytes = plan.load_model_config(c), plan.local_device_bytes()
-        judge = None
-        if jax.devices()[0].platform == "tpu":
-            from sqlm_jax import aot
-            judge = aot.CompiledJudge(model_cfg, jax.devices(), device_bytes,
-                                      log=print if jax.process_index() == 0 else lambda line: None)
+        judge = aot.judge_on_this_host(model_cfg, device_bytes,
+                                       log=print if jax.process_index() == 0 else lambda line: None)
         self.config = c = auto_knobs.resolve(c, model_cfg, dict(self.mesh.shape), device_bytes, judge)
         if judge is None:
             plan.check_fits(c, model_cfg, dict(self.mesh.shape), device_bytes)

@@ -294,6 +294,13 @@ MUTATIONS = [
     ("the plan counts offloaded buffers while sampling", "sqlm_jax/plan/__init__.py",
      'if r.phase == "resident" and not (r.offloaded and phase == "sampling"))', 'if r.phase == "resident")',
      ["tests/test_plan_critic.py"]),
+    ("the auto knobs ignore the TPU compiler", "sqlm_jax/auto_knobs.py", "        if compiled is not None:",
+     "        if False:", ["tests/test_plan.py::test_auto_knobs_with_the_compiler_as_judge_walk_down_from_the_plans_pick"]),
+    ("the compiled search compiles every candidate after a miss", "sqlm_jax/auto_knobs.py",
+     "if planned() * ratio <= limit:", "if True:",
+     ["tests/test_plan.py::test_auto_knobs_with_the_compiler_as_judge_walk_down_from_the_plans_pick"]),
+    ("a TPU run refused by the plan alone", TRAIN, "        if judge is None:", "        if True:",
+     ["tests/test_train.py::test_on_tpu_the_compiler_sets_the_auto_knobs_and_refuses_what_it_cannot_hold"]),
 ]
 
 

@@ -36,24 +36,24 @@ STEPS = 2
 # tiny models' answers need (configs/tiny*.py); 8 held-out problems.
 _SMALL = {"rollout.batch_size": 2, "rl.mini_batch_size": 1, "train.steps": STEPS, "eval.num_problems": 8,
           "rl.proposer_update_freq": STEPS}
-# arithmetic's micro-batch of 16 does not divide a mini-batch of one row (4 sequences): 4.
+# The paper configs ship their memory knobs as -1: the plan picks them here (on TPU the compiler).
 _ARITHMETIC = {**_SMALL, "rollout.proposer_max_new_tokens": 16, "rollout.solver_max_new_tokens": 48,
-               "eval.max_new_tokens": 48, "rl.micro_batch_size": 4}
+               "eval.max_new_tokens": 48}
 SIZES = {
     "arithmetic": _ARITHMETIC,
-    # Its micro-batch of 8 sequences does not divide a mini-batch of one row (4 sequences): 4; its 512
-    # rows in flight of the solver's 1,024: 16 of 32 here, so that slots are refilled as shipped.
+    # On a v5e-8 the compiler picks 512 rows in flight of the solver's 1,024 (tpu/README.md): 16 of 32
+    # here, so that slots are refilled as there.
     "algebra": {**_SMALL, "rollout.proposer_max_new_tokens": 112, "rollout.solver_max_new_tokens": 64,
-                "eval.max_new_tokens": 64, "rl.micro_batch_size": 4, "rollout.rows_in_flight": 16},
+                "eval.max_new_tokens": 64, "rollout.rows_in_flight": 16},
     # One prompt row (4 proposals, 16 programs): coding's steps are the longest (its answers, the
     # critic), and its solver prompts (the proposed problems) change length, and so compile, each step.
-    # Its micro-batch of 8 does not divide a mini-batch of 4 sequences: 4; its 256 rows in flight of the
-    # solver's 16,384: 8 of 16 here, so that slots are refilled as shipped.
+    # On a v5e-8 the compiler picks 256 rows in flight of the solver's 16,384: 8 of 16 here, so that
+    # slots are refilled as there.
     "coding": {**_SMALL, "rollout.batch_size": 1, "rollout.proposer_max_new_tokens": 336,
-               "rollout.solver_max_new_tokens": 208, "eval.max_new_tokens": 208, "rl.micro_batch_size": 4,
-               "rollout.rows_in_flight": 8},
+               "rollout.solver_max_new_tokens": 208, "eval.max_new_tokens": 208, "rollout.rows_in_flight": 8},
     # Its 64 rows in flight of the solver's 256: 8 of 32 here, so that slots are refilled as shipped.
-    "colab_tpu": {**_ARITHMETIC, "rollout.rows_in_flight": 8},
+    # Its micro-batch of 8 does not divide a mini-batch of 4 sequences: 4.
+    "colab_tpu": {**_ARITHMETIC, "rl.micro_batch_size": 4, "rollout.rows_in_flight": 8},
 }
 ALGEBRA_LORA = ["--config.model.lora.rank=4"]  # algebra's second run: LoRA over its bfloat16 compute
 # Resolved by the plan when shipped as -1 (run.json records what it chose), to at least this.

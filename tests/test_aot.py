@@ -134,3 +134,11 @@ def test_the_tpu_compiler_judges_the_auto_micro_batch():
 def knobs_of(key: str) -> int:
     import json
     return json.loads(key)["rl"]["micro_batch_size"]
+
+
+def test_xla_refusing_a_program_for_memory_is_a_figure():
+    refusal = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(33.19G) exceeds available HBM (30.75G).")
+    assert aot.exhausted_temporaries(refusal) == int(33.19 * 2 ** 30)
+    assert aot.exhausted_temporaries(refusal.replace("33.19G", "512M")) == 512 * 2 ** 20
+    assert aot.exhausted_temporaries("INVALID_ARGUMENT: shapes differ") is None

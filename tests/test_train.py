@@ -290,3 +290,34 @@ def test_second_heldout_set_is_evaluated_under_its_own_options(policy_folder, tm
     assert [e["eval/beyond_greedy_accuracy"] for e in summary["eval_history"]] == [1.0, 1.0]
     assert [e["eval/greedy_accuracy"] for e in summary["eval_history"]] == [0.0, 0.0]
     assert budgets.count(20) == 2 and budgets.count(config.eval.max_new_tokens) == 2
+
+
+@pytest.mark.parametrize("room", ["ample", "none"])
+def test_on_tpu_the_compiler_sets_the_auto_knobs_and_refuses_what_it_cannot_hold(policy_folder, tmp_path,
+                                                                                 monkeypatch, room):
+    """Where the run is on TPU (aot.judge_on_this_host gives the compiler's judge; here one compiling
+    for this host's devices stands in), the auto micro-batch and rows in flight are judged by the
+    compiled solver programs, and a run they cannot hold stops before any weight loads, naming the
+    phases over the limit."""
+    from sqlm_jax import aot
+    from sqlm_jax.plan import MemoryPlanError
+    judges = []
+
+    def on_tpu(model_cfg, device_bytes, log=print):
+        judges.append(aot.CompiledJudge(model_cfg, jax.devices(), device_bytes, log=log))
+        judges[-1].limit = device_bytes if room == "ample" else 1
+        return judges[-1]
+
+    monkeypatch.setattr(aot, "judge_on_this_host", on_tpu)
+    c = tiny_run_config(policy_folder, tmp_path / "run", steps=1)
+    c.rl.micro_batch_size = c.rollout.rows_in_flight = -1
+    if room == "none":
+        with pytest.raises(MemoryPlanError, match=r"(?s)training: .* over the limit.*sampling: .* over the limit"):
+            Trainer(c)
+        return
+    trainer = Trainer(c)
+    compiled = {(name, json.loads(key)["rl"]["micro_batch_size"]) for name, key in judges[0]._compiled}
+    assert compiled == {("solver policy update", trainer.config.rl.micro_batch_size),
+                        ("solver sampler", trainer.config.rl.micro_batch_size)}
+    assert trainer.config.rl.micro_batch_size == c.rl.mini_batch_size * c.rollout.n  # the plan's pick fits
+    assert trainer.config.rollout.rows_in_flight == 0

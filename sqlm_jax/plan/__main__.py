@@ -49,7 +49,8 @@ def compiled_report(config, judge, family: str, estimate: plan.Plan, only: list[
     for p in programs:
         lines.append(f"{p.name:<24}{p.arguments / GiB:7.2f}{p.outputs / GiB:7.2f}{p.temporaries / GiB:7.2f}"
                      f"{p.code / GiB:6.2f}{p.outside / GiB:8.2f}{p.total / GiB:8.2f}{planned(p) / GiB:8.2f}"
-                     f"{planned(p) / p.total:9.2f}  {'fits' if p.total <= limit else 'does NOT fit'}")
+                     f"{planned(p) / p.total:9.2f}  {'fits' if p.total <= limit else 'does NOT fit'}"
+                     f"{' (XLA refused it: temporaries alone over the chip)' if p.exhausted else ''}")
     fits = all(p.total <= limit for p in programs)
     record = {"fits": fits, "usable_bytes": usable, "limit_bytes": limit, "accelerator": family,
               "chips": len(devices), "mesh": dict(config.mesh),
@@ -57,7 +58,7 @@ def compiled_report(config, judge, family: str, estimate: plan.Plan, only: list[
                         "rollout.rows_in_flight": config.rollout.rows_in_flight},
               "programs": [{"name": p.name, "phase": p.phase, "total_bytes": p.total, "plan_bytes": planned(p),
                             "argument_bytes": p.arguments, "output_bytes": p.outputs,
-                            "temp_bytes": p.temporaries, "code_bytes": p.code, "outside_bytes": p.outside,
+                            "temp_bytes": p.temporaries, "exhausted": p.exhausted, "code_bytes": p.code, "outside_bytes": p.outside,
                             "flops": p.flops, "bytes_accessed": p.bytes_accessed,
                             "compile_s": round(p.compile_s, 1)} for p in programs]}
     return "\n".join(lines), record
