@@ -221,7 +221,7 @@ class AbstractRun:
             rewards = _rows(self.mesh, (batch.response_ids.shape[0] // self.sampling_params(role).n,
                                         self.sampling_params(role).n), jnp.float32)
             logprobs = (_rows(self.mesh, batch.response_ids.shape, jnp.float32)
-                        if learner.reuses_sampler_logprobs else None)
+                        if learner.passes_sampler_logprobs else None)
             out.append((f"{role} log-prob pass", "training", lambda batch=batch, rewards=rewards, logprobs=logprobs:
                         learner._prepare.lower(params=policy, ref_params=learner.ref_params,
                                                critic_params=None if learner.critic_state is None

@@ -12,6 +12,7 @@ _CHOICES = {
     "rl.advantage": ("grpo", "gae", "rloo", "reinforce_pp"),
     "rl.policy_loss": ("ppo", "gspo"),
     "rl.kl_kind": ("k1", "k2", "k3"),
+    "rl.rollout_is": ("off", "token", "sequence"),
     "rl.loss_agg": ("reference", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
     "optim.schedule": ("constant", "cosine"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -71,6 +72,9 @@ def validate(config, num_batch_devices: int | None = None) -> None:
                           f"{mini_sequences} sequences of a mini-batch (rl.mini_batch_size × rollout.n)")
     if config.model.seq_block < 0:
         raise ConfigError(f"model.seq_block={config.model.seq_block} must be >= 0 (0: all positions at once)")
+    if rl.rollout_is_cap <= 0:
+        raise ConfigError(f"rl.rollout_is_cap={rl.rollout_is_cap} must be > 0 (the truncation of the "
+                          "importance weights; verl's default is 2)")
     if rl.loss_agg_chunk < 1 or rl.logits_chunk_mib <= 0:
         raise ConfigError(f"rl.loss_agg_chunk={rl.loss_agg_chunk} must be >= 1 and "
                           f"rl.logits_chunk_mib={rl.logits_chunk_mib} positive")

@@ -139,6 +139,11 @@ def base_config() -> ml_collections.ConfigDict:
         # 1 without top-k / top-p.
         "shared_prompt_pass": True,
         "reuse_sampler_logprobs": True,
+        # Truncated importance sampling toward the sampler's distribution (sqlm_jax.rollout_is): off |
+        # token | sequence. On: the old log-probs are the trainer's own pass (never the sampler's) and
+        # each token's policy-gradient loss is weighted by min(π_train / π_sampler, rollout_is_cap).
+        "rollout_is": "off",
+        "rollout_is_cap": 2.0,
         "proposer_update_freq": 5,   # update on the proposer batch every this many steps (0 = never)
         "gamma": 1.0,
         "lam": 1.0,

@@ -29,6 +29,7 @@ from flax import nnx
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax import rl
 from sqlm_jax.models import lora
+from sqlm_jax.rollout_is import truncated_is_weights
 from sqlm_jax.sampling import SampleOutput
 from sqlm_jax.train_step import (LossAgg, LossConfig, RoleBatch, TrainState, batch_logprobs, batch_values,
                                  make_optimizer, policy_loss_fn, train_step, value_loss_fn)
@@ -185,6 +186,11 @@ class Learner:
         return bool(c.rl.reuse_sampler_logprobs and c.rollout.temperature == 1 and c.rollout.top_k == 0
                     and c.rollout.top_p == 1)
 
+    @property
+    def passes_sampler_logprobs(self) -> bool:
+        """Whether `prepare` takes the sampler's log-probs: as the old ones, or for rl.rollout_is."""
+        return self.reuses_sampler_logprobs or self.config.rl.rollout_is != "off"
+
     def prompt_group(self, samples_per_prompt: int) -> int:
         """Rows of a role batch that share one prompt pass (1: rl.shared_prompt_pass off): runs of the
         samples of one prompt, in groups that never span two devices or two micro-batches."""
@@ -197,7 +203,7 @@ class Learner:
         """A role's batch ready for `update`: `role_batch`, then `prepare` with the sampler's
         log-probs as the old ones where they are exact."""
         return self.prepare(self.role_batch(sample, row_mask), rewards,
-                            sample.logprobs if self.reuses_sampler_logprobs else None)
+                            sample.logprobs if self.passes_sampler_logprobs else None)
 
     def role_batch(self, sample: SampleOutput, row_mask: np.ndarray) -> RoleBatch:
         """The sampled rows as a RoleBatch on the mesh, rows outside `row_mask [N]` out of every loss;
@@ -214,8 +220,11 @@ class Learner:
 
         `rewards [Q, n]`: one per row, Q groups of n consecutive rows. The old log-probs are
         `sampler_logprobs [N, R]` when given: the sampler's, recorded under the weights it sampled with,
-        which are the current ones (every role samples before the step's first update).
+        which are the current ones (every role samples before the step's first update); with
+        rl.rollout_is they are the trainer's, and the sampler's weight the advantages (rollout_is).
         """
+        if self.config.rl.rollout_is != "off" and sampler_logprobs is None:
+            raise ValueError("rl.rollout_is needs the sampler's log-probs of the batch")
         critic_params = None if self.critic_state is None else self.critic_state.params
         rewards = mesh_lib.shard_rows(np.asarray(rewards, np.float32), self.mesh)
         return self._prepare(params=self.policy[1], ref_params=self.ref_params, critic_params=critic_params,
@@ -227,14 +236,18 @@ class Learner:
         zeros = jnp.zeros(mask.shape, jnp.float32)
         logprobs = lambda p, graphdef=self.graphdef: flat(batch_logprobs(graphdef, p, micro,
                                                                          self.config.rl.logits_chunk_mib))
-        old = (logprobs(params) if sampler_logprobs is None
+        rl_cfg = self.config.rl
+        correcting = rl_cfg.rollout_is != "off"
+        old = (logprobs(params) if sampler_logprobs is None or correcting
                else jnp.where(mask, sampler_logprobs, 0.0))
         ref = zeros if ref_params is None else logprobs(ref_params, self.reference_graphdef)
         values = zeros if critic_params is None else flat(batch_values(self.critic_graphdef, critic_params, micro))
-        rl_cfg = self.config.rl
         advantages, returns = rl.compute_advantages(
             rl_cfg.advantage, rewards, mask, values, grpo_eps=rl_cfg.grpo_eps,
             scale_by_std=rl_cfg.grpo_scale_by_std, gamma=rl_cfg.gamma, lam=rl_cfg.lam)
+        if correcting:
+            advantages = advantages * truncated_is_weights(old, sampler_logprobs, mask, rl_cfg.rollout_is,
+                                                           rl_cfg.rollout_is_cap)
         return batch.replace(old_logp=old, ref_logp=ref, old_values=values, advantages=advantages,
                              returns=returns)
 

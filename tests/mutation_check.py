@@ -301,6 +301,13 @@ MUTATIONS = [
      ["tests/test_plan.py::test_auto_knobs_with_the_compiler_as_judge_walk_down_from_the_plans_pick"]),
     ("a TPU run refused by the plan alone", TRAIN, "        if judge is None:", "        if True:",
      ["tests/test_train.py::test_on_tpu_the_compiler_sets_the_auto_knobs_and_refuses_what_it_cannot_hold"]),
+    ("rollout IS weights never applied", LEARNER, "        if correcting:", "        if False:",
+     [E2E + "::test_rollout_is_weights_the_advantages_by_the_trainers_over_the_samplers_odds"]),
+    ("rollout IS keeps the sampler's old log-probs", LEARNER,
+     "if sampler_logprobs is None or correcting", "if sampler_logprobs is None",
+     [E2E + "::test_rollout_is_weights_the_advantages_by_the_trainers_over_the_samplers_odds"]),
+    ("rollout IS ratio inverted", "sqlm_jax/rollout_is.py", "old_logp - sampler_logp", "sampler_logp - old_logp",
+     ["tests/test_rollout_is.py"]),
 ]
 
 

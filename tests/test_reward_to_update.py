@@ -214,3 +214,24 @@ def test_the_critic_learns_at_its_own_rate(policy_folder, tmp_path, monkeypatch)
     assert moved.max() == pytest.approx(3e-3, rel=1e-3) and np.median(moved) == pytest.approx(3e-3, rel=1e-2)
     for got, want in zip(jax.tree.leaves(learner.state.params), jax.tree.leaves(policy_before)):
         np.testing.assert_array_equal(got, want)  # the critic's update leaves the policy alone
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_rollout_is_weights_the_advantages_by_the_trainers_over_the_samplers_odds(
+        policy_folder, tmp_path, monkeypatch, level):
+    """rl.rollout_is: the old log-probs are the trainer's pass even where the sampler's would be
+    reused, and each token's advantage is scaled by min(π_train / π_sampler, cap). The scripted
+    sampler records log-prob 0 (probability 1) for every token, so the weight is the trainer's own
+    probability of the token (of the row, by sequence): below 1, never capped."""
+    trainer = _trainer(policy_folder, tmp_path, monkeypatch, rollout_is=level, reuse_sampler_logprobs=True)
+    learner = trainer.learner
+    assert learner.reuses_sampler_logprobs and learner.passes_sampler_logprobs
+    proposer, _ = _scored(trainer)
+    batch = learner.batch(proposer.sample, proposer.row_mask, proposer.rewards)
+    mask = np.asarray(proposer.sample.mask)
+    old = np.asarray(_hand_logprobs(*learner.policy, proposer.sample))
+    np.testing.assert_allclose(batch.old_logp, old, atol=2e-5)
+    odds = np.exp(old) if level == "token" else np.broadcast_to(np.exp(old.sum(1, keepdims=True)), old.shape)
+    assert 0 < odds[mask].min() and odds[mask].max() < 1
+    np.testing.assert_allclose(batch.advantages, np.ravel(PROPOSER_ADVANTAGES)[:, None] * odds * mask,
+                               rtol=1e-4, atol=1e-6)
