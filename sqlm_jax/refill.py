@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax.models.attention import LayerCache
 from sqlm_jax.models.transformer import Transformer, positions_from_mask
-from sqlm_jax.sampling import _constrain_cache, prompt_pass
+from sqlm_jax.prompt_pass import constrain_cache, prompt_pass
 
 # A wave's tail (no row pending, at most 1/TAIL_SHRINK of a block's slots active) runs in that fraction
 # of the slots: long-tailed lengths leave a few rows decoding long after the rest have stopped.
@@ -79,7 +79,7 @@ def decode(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
     from its row's stream. Each block's prompts go in waves of `wave_prompts` (one compiled wave,
     `lax.map` over them).
     """
-    (b, p), n = prompt_tokens.shape, params.n
+    b, n = prompt_tokens.shape[0], params.n
     d = batch_shards(mesh, b)
     per_block = b // d
     w = min(per_block * n, -(-params.rows_in_flight // d))
@@ -103,7 +103,7 @@ def _wave(model, prompt_tokens, prompt_mask, offset, d: int, w: int, params, mes
     b, n, r = prompt_tokens.shape[0], params.n, params.max_new_tokens
     m, per_block = b * n // d, b // d
     rows = lambda x: mesh_lib.constrain_rows(x, mesh)
-    cache_axes = lambda c: _constrain_cache(c, mesh)
+    cache_axes = lambda c: constrain_cache(c, mesh)
     positions = positions_from_mask(prompt_mask)
     _, prefix = prompt_pass(model, prompt_tokens[:, :-1], prompt_mask[:, :-1], mesh)
     blocks = lambda x: x.reshape((d, per_block) + x.shape[1:])  # [D·g, ...] -> [D, g, ...]

@@ -35,21 +35,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from sqlm_jax import mesh as mesh_lib
+from sqlm_jax import refill
 from sqlm_jax.models.attention import LayerCache
-from sqlm_jax.models.transformer import Transformer, positions_from_mask
+from sqlm_jax.models.transformer import Transformer
+from sqlm_jax.prompt_pass import constrain_cache, prompt_pass
 from sqlm_jax.tokenizer import pad_left
 
 # Decoding is split into segments of about MIN_SEGMENT steps, at most MAX_SEGMENTS of them. Each segment
 # is one more copy of the decode step for XLA to compile (~0.5 s on the 2-core bench machine) and saves
 # reading the cache slots its steps cannot reach yet (N=64: 2 segments are ~3-9% faster than 1).
 MAX_SEGMENTS = 4
-# Prompt tokens per device that one piece of a prompt pass runs at once: the pass's buffers (the MLP's
-# [tokens, 2, F], float32 scores) follow this, not the prompts of a call. At 256 prompts of 511 tokens
-# whole, the algebra solver's pass held ~3.5 GiB of them per v5e chip (issue 30).
-PREFILL_TOKENS = 4096
 MIN_SEGMENT = 32
 
 
@@ -197,23 +195,11 @@ def _emit(state: DecodeState, logits: jax.Array, params: SamplingParams) -> Deco
     )
 
 
-def _constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) -> jax.Array:
-    """Pins `x` to the sharding its logical `axes` get on `mesh` (no-op without a mesh)."""
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, mesh_lib.logical_spec(axes, x.shape, mesh)))
-
-
-def _constrain_cache(cache: list[LayerCache], mesh: Mesh | None) -> list[LayerCache]:
-    """Rows over the mesh's batch axes, kv heads over its tensor axis."""
-    return jax.tree.map(lambda x: _constrain(x, ("batch", "kv_heads", None, None), mesh), cache)
-
-
 def _constrain_state(state: DecodeState, mesh: Mesh | None) -> DecodeState:
     rows = lambda x: mesh_lib.constrain_rows(x, mesh)
     return state._replace(tokens=rows(state.tokens), logprobs=rows(state.logprobs), done=rows(state.done),
                           positions=rows(state.positions), kv_mask=rows(state.kv_mask),
-                          prefix=_constrain_cache(state.prefix, mesh), cache=_constrain_cache(state.cache, mesh))
+                          prefix=constrain_cache(state.prefix, mesh), cache=constrain_cache(state.cache, mesh))
 
 
 def _grow_cache(cache: list[LayerCache], length: int) -> list[LayerCache]:
@@ -231,37 +217,6 @@ def segment_ends(max_new_tokens: int) -> list[int]:
     steps = max_new_tokens - 1
     parts = min(MAX_SEGMENTS, max(1, round(steps / MIN_SEGMENT)))
     return [1 + math.ceil(steps * (j + 1) / parts) for j in range(parts)] if steps else []
-
-
-def prompt_pass(model: Transformer, tokens: jax.Array, mask: jax.Array, mesh: Mesh | None
-                ) -> tuple[jax.Array, list[LayerCache]]:
-    """The `[B, P]` prompts' last hidden states `[B, D]` and cache, a few prompts per device at a time
-    (at most PREFILL_TOKENS tokens each) written into the whole cache in place."""
-    (b, p), positions = tokens.shape, positions_from_mask(mask)
-    batch_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    d = batch_devices if b % batch_devices == 0 else 1
-    per_block = b // d  # prompts per device: rows split over the batch axes in contiguous blocks
-    c = max(k for k in range(1, per_block + 1) if per_block % k == 0 and (k * p <= PREFILL_TOKENS or k == 1))
-    blocks = lambda x: x.reshape((d, per_block) + x.shape[1:])
-
-    def run(tokens, positions, mask):  # [N, P] -> last hidden [N, D], cache
-        hidden, cache = model.hidden_states(tokens, positions, mask,
-                                            cache=_constrain_cache(model.init_cache(tokens.shape[0], p), mesh))
-        return mesh_lib.constrain_rows(hidden[:, -1], mesh), _constrain_cache(cache, mesh)
-
-    if c == per_block:  # one piece: no whole cache to write it into
-        return run(tokens, positions, mask)
-
-    def piece(i, done):
-        take = lambda x: jax.lax.dynamic_slice_in_dim(blocks(x), i * c, c, 1).reshape((d * c,) + x.shape[1:])
-        put = lambda whole, part: jax.lax.dynamic_update_slice_in_dim(
-            blocks(whole), part.reshape((d, c) + part.shape[1:]), i * c, 1).reshape(whole.shape)
-        last, cache = jax.tree.map(put, done, run(take(tokens), take(positions), take(mask)))
-        return mesh_lib.constrain_rows(last, mesh), _constrain_cache(cache, mesh)
-
-    empty = (jnp.zeros((b, model.config.hidden_size), model.config.compute_dtype), model.init_cache(b, p))
-    return jax.lax.fori_loop(0, per_block // c, piece, (mesh_lib.constrain_rows(empty[0], mesh),
-                                                        _constrain_cache(empty[1], mesh)))
 
 
 def _prefill(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array,
@@ -323,7 +278,6 @@ def _sample(graphdef: nnx.GraphDef, weights: nnx.State, prompt_tokens: jax.Array
     """
     model: Transformer = nnx.merge(graphdef, weights)
     if 0 < params.rows_in_flight < prompt_tokens.shape[0] * params.n:
-        from sqlm_jax import refill  # it builds on this module's helpers
         rows_draw = lambda logits, rows, steps: draw(logits, row_keys(key, rows), steps, params)
         tokens, logprobs = refill.decode(model, prompt_tokens, prompt_mask, params, mesh, rows_draw)
     else:

@@ -286,7 +286,7 @@ MUTATIONS = [
     ("the MLP's blocks padded at the front", "sqlm_jax/models/transformer.py",
      "x = jnp.pad(x, ((0, 0), (0, blocks * block - t), (0, 0)))", "x = jnp.pad(x, ((0, 0), (blocks * block - t, 0), (0, 0)))",
      ["tests/test_seq_blocks.py"]),
-    ("prompt-pass pieces written at the first prompt", "sqlm_jax/sampling.py",
+    ("prompt-pass pieces written at the first prompt", "sqlm_jax/prompt_pass.py",
      "part.reshape((d, c) + part.shape[1:]), i * c, 1)", "part.reshape((d, c) + part.shape[1:]), 0, 1)",
      ["tests/test_sampling.py::test_the_prompt_pass_in_pieces_samples_the_same"]),
     ("the critic stays on the devices while sampling", LEARNER,

@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 
 from sqlm_jax import mesh as mesh_lib
-from sqlm_jax import refill, sampling
+from sqlm_jax import prompt_pass, refill, sampling
 from sqlm_jax.models import load_pretrained
 from tests.checkpoints import make_checkpoint
 
@@ -288,7 +288,7 @@ def test_the_prompt_pass_in_pieces_samples_the_same(checkpoint, monkeypatch, row
     run = lambda: sampling.generate(sharded, many, mesh=mesh, max_new_tokens=8, n=2, temperature=1.0, seed=7,
                                     rows_in_flight=rows_in_flight)
     whole = run()
-    monkeypatch.setattr(sampling, "PREFILL_TOKENS", 1)
+    monkeypatch.setattr(prompt_pass, "PREFILL_TOKENS", 1)
     sampling._sample.clear_cache()
     pieces = run()
     assert pieces.token_lists == whole.token_lists
