@@ -294,17 +294,26 @@ class CompiledJudge:
 
     def programs(self, config, names=None) -> list[Program]:
         """The named programs (default: every program of a step) compiled at `config`'s knobs."""
-        key = config.to_json_best_effort(sort_keys=True)
         run = AbstractRun.build(config, self.model_config, self.devices)
-        wanted = [name for name, *_ in run.programs() if names is None or name in names]
-        missing = [name for name in wanted if (name, key) not in self._compiled]
+        wanted = {name: _key(config, phase) for name, phase, *_ in run.programs() if names is None or name in names}
+        missing = [name for name, key in wanted.items() if (name, key) not in self._compiled]
         if missing:
             for program in run.compile(only=missing.__contains__, log=self.log):
-                self._compiled[program.name, key] = program
-        return [self._compiled[name, key] for name in wanted]
+                self._compiled[program.name, wanted[program.name]] = program
+        return [self._compiled[item] for item in wanted.items()]
 
     def __call__(self, config, phase: str) -> int:
         return max(p.total for p in self.programs(config, self.largest(config)[phase]))
+
+
+def _key(config, phase: str) -> str:
+    """The config as a phase's programs see it: the other phase's memory knob does not change them."""
+    c = config.copy_and_resolve_references()
+    if phase == "training":
+        c.rollout.rows_in_flight = 0
+    else:
+        c.rl.micro_batch_size = 0
+    return c.to_json_best_effort(sort_keys=True)
 
 
 def judge_on_this_host(model_cfg: ModelConfig, device_bytes: int, log=print) -> CompiledJudge | None:

@@ -316,8 +316,7 @@ def test_on_tpu_the_compiler_sets_the_auto_knobs_and_refuses_what_it_cannot_hold
             Trainer(c)
         return
     trainer = Trainer(c)
-    compiled = {(name, json.loads(key)["rl"]["micro_batch_size"]) for name, key in judges[0]._compiled}
-    assert compiled == {("solver policy update", trainer.config.rl.micro_batch_size),
-                        ("solver sampler", trainer.config.rl.micro_batch_size)}
+    # each compiled once: in the search, and kept for the fit check at the chosen knobs
+    assert sorted(name for name, _ in judges[0]._compiled) == ["solver policy update", "solver sampler"]
     assert trainer.config.rl.micro_batch_size == c.rl.mini_batch_size * c.rollout.n  # the plan's pick fits
     assert trainer.config.rollout.rows_in_flight == 0
