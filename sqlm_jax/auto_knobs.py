@@ -7,11 +7,12 @@ string, so the fields keep their int type and `--config.rl.micro_batch_size=8` a
 from the command line.
 
 Two judges of "fits". The memory plan (sqlm_jax.plan) is an estimate, calibrated against XLA's CPU
-compiler; on TPU it is low by a quarter (tpu/README.md). Where the TPU compiler is at hand (a TPU run,
-or `plan --compile` with libtpu), it has the last word: from the plan's pick downwards, each candidate
-is compiled (aot.CompiledJudge) until one fits, and after a miss the search skips the candidates that
-the plan, scaled by the compiler's figure over its own at the miss, still puts over the limit. Each
-miss costs one compile (minutes on a small host, under a minute on a TPU VM).
+compiler; on TPU it is low by a quarter to a half (tpu/README.md). Where the TPU compiler is at hand
+(a TPU run, or `plan --compile` with libtpu), it has the last word (aot.CompiledJudge): the smallest
+candidate is compiled, then the largest that the plan, scaled by the compiler's figure over its own,
+puts within the limit, narrowing till no candidate is left between the largest known to fit and the
+smallest known not to; usually one to three compiles (minutes each on a small host, about a minute
+on a TPU VM).
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ def resolve(config, model_cfg, mesh_shape: Mapping[str, int], device_bytes: int,
         searches.append((c.rollout, "rows_in_flight", budgets, "sampling"))
     for section, field, candidates, phase in searches:
         bytes_of = planned(phase)
-        _largest(section, field, candidates, lambda: bytes_of() <= usable)
-        if compiled is not None:
+        if compiled is None:
+            _largest(section, field, candidates, lambda: bytes_of() <= usable)
+        else:
             _largest_compiled(section, field, candidates, bytes_of, lambda: compiled(c, phase), compiled.limit)
     return c
 
@@ -64,18 +66,26 @@ def _largest(section, field: str, candidates: list[int], fits) -> None:
 
 
 def _largest_compiled(section, field: str, candidates: list[int], planned, compiled, limit: int) -> None:
-    """From `section[field]` (the plan's pick) down `candidates` to the first the compiler fits; after
-    a miss, past those whose plan × (compiled / planned at the miss) is still over `limit`."""
-    i = candidates.index(section[field])
-    while True:
+    """Sets `section[field]` to the largest of `candidates` (largest first) whose compiled figure fits
+    `limit`: the smallest is compiled first (a program over the chip is the slow one to compile, XLA
+    trying to fit it), then each time the largest candidate between the largest known to fit and the
+    smallest known not to whose plan, scaled by the compiler's last figure over the plan's, is within
+    the limit, till none is left between them. Each candidate is compiled at most once."""
+    def measure(i: int) -> tuple[int, int]:
         section[field] = candidates[i]
-        measured = compiled()
-        if measured <= limit or i == len(candidates) - 1:
-            return
-        ratio = measured / planned()
-        i += 1
-        while i < len(candidates) - 1:
-            section[field] = candidates[i]
-            if planned() * ratio <= limit:
-                break
-            i += 1
+        return compiled(), planned()
+
+    def plan_of(i: int) -> int:
+        section[field] = candidates[i]
+        return planned()
+
+    fits, over = len(candidates) - 1, -1
+    measured, plan = measure(fits)
+    while measured <= limit or over >= 0:  # not when even the smallest is over: nothing fits
+        ratio = measured / plan
+        guess = next((i for i in range(over + 1, fits) if plan_of(i) * ratio <= limit), None)
+        if guess is None:
+            break
+        measured, plan = measure(guess)
+        fits, over = (guess, over) if measured <= limit else (fits, guess)
+    section[field] = candidates[fits]

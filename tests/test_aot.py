@@ -114,25 +114,31 @@ def test_the_buffers_beside_each_program(offload):
 
 
 def test_the_tpu_compiler_judges_the_auto_micro_batch():
-    """`-1` on a TPU slice: the plan's pick (the whole mini-batch, 32 sequences) is compiled first;
-    with room for 16 only, by XLA's figure, the search settles on 16, each program compiled once."""
-    from sqlm_jax import auto_knobs
+    """`-1` on a TPU slice: the compiler's judge compiles the smallest micro-batch (8 sequences, one
+    per chip), then the largest that the plan scaled by XLA's figure over its own puts within the
+    limit (16, where the limit is set to hold it), and never the one the scaled plan rules out (32);
+    the fit check and the report at the chosen knobs reuse what the search compiled."""
+    from sqlm_jax import auto_knobs, plan
     run = _run("algebra", "v5e-8", 64)
     c = run.config
-    c.rl.micro_batch_size = auto_knobs.AUTO  # 8 prompts × n = 4: candidates 32, 16, 8
+    c.rl.micro_batch_size = c.rollout.rows_in_flight = auto_knobs.AUTO  # 8 prompts × n = 4: 32, 16, 8
     judge = aot.CompiledJudge(MODEL, list(run.mesh.devices.flat), aot.usable_bytes("v5e"))
-    at16 = c.copy_and_resolve_references()
-    at16.rl.micro_batch_size = 16
-    judge.limit = judge(at16, "training")
-    c.rollout.rows_in_flight = auto_knobs.AUTO  # the sampler's knob is searched after the micro-batch
-    resolved = auto_knobs.resolve(c, MODEL, dict(run.mesh.shape), 1 << 40, judge)
+    mesh = dict(run.mesh.shape)
+    at = {}
+    for micro in (8, 16, 32):
+        at[micro] = c.copy_and_resolve_references()
+        at[micro].rl.micro_batch_size, at[micro].rollout.rows_in_flight = micro, 64
+    planned = {m: plan.memory_plan(cfg, MODEL, mesh).during("training") for m, cfg in at.items()}
+    compiled = {m: judge(at[m], "training") for m in (8, 16)}
+    judge.limit = max(compiled[16], math.ceil(planned[16] * compiled[8] / planned[8]))
+    assert planned[32] * compiled[16] / planned[16] > judge.limit  # the scaled plan rules 32 out
+    resolved = auto_knobs.resolve(c, MODEL, mesh, 1 << 40, judge)
     assert resolved.rl.micro_batch_size == 16
     updates = [key for name, key in judge._compiled if name == "solver policy update"]
-    assert sorted(knobs_of(key) for key in updates) == [16, 32]
-    compiled = dict(judge._compiled)
-    # the report and the fit check at the chosen knobs reuse what the search compiled
-    assert judge.programs(resolved, ["solver policy update"])[0].total == judge.limit
-    assert judge(resolved, "sampling") <= judge.limit and judge._compiled == compiled
+    assert sorted(knobs_of(key) for key in updates) == [8, 16]
+    kept = dict(judge._compiled)
+    assert judge.programs(resolved, ["solver policy update"])[0].total == compiled[16]
+    assert judge(resolved, "sampling") <= judge.limit and judge._compiled == kept
 
 
 def knobs_of(key: str) -> int:

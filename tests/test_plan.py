@@ -332,18 +332,19 @@ def test_cli_paper_configs_fit_their_slices_and_one_chip_does_not(config, accele
         assert "To fit, try" in run.stdout and "rollout.batch_size" not in run.stdout
 
 
-def test_auto_knobs_with_the_compiler_as_judge_walk_down_from_the_plans_pick():
-    """Where the TPU compiler judges (aot.CompiledJudge), the search starts at the plan's pick and
-    goes down until a compiled program fits; after a miss it skips the candidates the plan, scaled
-    by the compiler's figure over its own, still puts over the limit: one compile per miss."""
+def test_auto_knobs_with_the_compiler_as_judge_compile_few_candidates():
+    """Where the TPU compiler judges (aot.CompiledJudge), the search compiles the smallest candidate,
+    then the largest that the plan, scaled by the compiler's figure over the plan's, puts within the
+    limit, and narrows from there: the candidates over the chip (the slow compiles) are never tried
+    when the scaled plan already rules them out."""
     from sqlm_jax import auto_knobs
     c = _long_sequences_config()
     c.rollout.batch_size, c.rollout.n, c.rl.mini_batch_size = 8, 4, 4
-    c.rl.micro_batch_size = c.rollout.rows_in_flight = auto_knobs.AUTO
+    c.rl.micro_batch_size = c.rollout.rows_in_flight = auto_knobs.AUTO  # micro-batches 16, 8, 4, 2, 1
     at = lambda micro: plan.memory_plan(_with(c, micro), TINY, {})
     compiled = []
 
-    class Judge:  # the compiler, 1.5 × the plan in training; the sampler always fits
+    class Judge:  # the compiler: 1.5 × the plan in training; every sampler fits
         limit = int(1.5 * at(4).during("training"))
 
         def __call__(self, cfg, phase):
@@ -352,8 +353,18 @@ def test_auto_knobs_with_the_compiler_as_judge_walk_down_from_the_plans_pick():
 
     resolved = auto_knobs.resolve(c, TINY, {}, 1 << 40, Judge())
     assert resolved.rl.micro_batch_size == 4 and resolved.rollout.rows_in_flight == 0
-    assert compiled == [("training", 16), ("training", 4), ("sampling", 0)]  # 8 skipped: 1.5 × its plan is over
-    assert at(8).during("training") * 1.5 > Judge.limit
+    assert compiled == [("training", 1), ("training", 4), ("sampling", 1), ("sampling", 0)]
+    assert at(8).during("training") * 1.5 > Judge.limit  # 8 and 16 are over: never compiled
+
+    class Tight(Judge):  # the scaled plan says 4 fits, but compiled it is a byte over: 2 then
+        def __call__(self, cfg, phase):
+            over = phase == "training" and cfg.rl.micro_batch_size == 4
+            return super().__call__(cfg, phase) + over
+
+    compiled.clear()
+    resolved = auto_knobs.resolve(c, TINY, {}, 1 << 40, Tight())
+    assert resolved.rl.micro_batch_size == 2
+    assert [knob for phase, knob in compiled if phase == "training"] == [1, 4, 2]
 
 
 def _with(c, micro: int):

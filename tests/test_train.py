@@ -316,7 +316,11 @@ def test_on_tpu_the_compiler_sets_the_auto_knobs_and_refuses_what_it_cannot_hold
             Trainer(c)
         return
     trainer = Trainer(c)
-    # each compiled once: in the search, and kept for the fit check at the chosen knobs
-    assert sorted(name for name, _ in judges[0]._compiled) == ["solver policy update", "solver sampler"]
-    assert trainer.config.rl.micro_batch_size == c.rl.mini_batch_size * c.rollout.n  # the plan's pick fits
-    assert trainer.config.rollout.rows_in_flight == 0
+    # with room for all: the smallest of each knob compiled, then the largest; the fit check at the
+    # chosen knobs reuses them
+    knobs = sorted((name, json.loads(key)["rl" if "update" in name else "rollout"][
+        "micro_batch_size" if "update" in name else "rows_in_flight"]) for name, key in judges[0]._compiled)
+    largest, devices = c.rl.mini_batch_size * c.rollout.n, trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    assert knobs == sorted({("solver policy update", devices), ("solver policy update", largest),
+                            ("solver sampler", 0), ("solver sampler", devices)})
+    assert (trainer.config.rl.micro_batch_size, trainer.config.rollout.rows_in_flight) == (largest, 0)
