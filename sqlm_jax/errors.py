@@ -49,6 +49,8 @@ def one_line_errors():
         if isinstance(e, user_errors()):
             message = " ".join(str(e).split()) or type(e).__name__
             sys.exit(f"error: {message}")
+        if out_of_memory(e):
+            sys.exit(f"error: {out_of_memory(e)}")
         try:
             report = short_traceback(e)
         except Exception:  # never lose a bug to a fault in its report
@@ -57,6 +59,18 @@ def one_line_errors():
         sys.stderr.write(report)
         sys.stderr.flush()
         sys.exit(1)
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """The one line for XLA's refusal of a program too large for the accelerator (RESOURCE_EXHAUSTED
+    at compile or run time), None for any other error."""
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text or "memory" not in text.lower():
+        return None
+    said = next(line for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line).strip()
+    return (f"the accelerator ran out of memory ({said[:300]}). Set --config.rl.micro_batch_size=-1 and "
+            "--config.rollout.rows_in_flight=-1 (on TPU the compiler then picks them) or smaller values; "
+            "python -m sqlm_jax.plan --config=FILE --accelerator=SLICE --compile checks a TPU slice from any host")
 
 
 @functools.lru_cache(maxsize=None)

@@ -76,10 +76,12 @@ class Trainer:
         validate(c, num_batch_devices=self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         # Memory knobs left at -1 ("auto") become the largest that fit (auto_knobs); then refuse up front,
         # with the per-device table, a run that cannot fit (before any weight loads). On TPU the
-        # compiler judges, from the programs themselves (the plan is a quarter low there).
+        # compiler judges auto knobs, from the programs themselves (the plan is a quarter low there);
+        # pinned ones cost no compile here, and XLA's own refusal is one line (errors.out_of_memory).
         model_cfg, device_bytes = plan.load_model_config(c), plan.local_device_bytes()
-        judge = aot.judge_on_this_host(model_cfg, device_bytes,
-                                       log=print if jax.process_index() == 0 else lambda line: None)
+        judge = (aot.judge_on_this_host(model_cfg, device_bytes,
+                                        log=print if jax.process_index() == 0 else lambda line: None)
+                 if auto_knobs.AUTO in (c.rl.micro_batch_size, c.rollout.rows_in_flight) else None)
         self.config = c = auto_knobs.resolve(c, model_cfg, dict(self.mesh.shape), device_bytes, judge)
         if judge is None:
             plan.check_fits(c, model_cfg, dict(self.mesh.shape), device_bytes)

@@ -8,6 +8,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from sqlm_jax.errors import DEBUG_VARIABLE, short_traceback
 from tests.tiny_models import subprocess_xla_flags
 
@@ -116,3 +118,19 @@ def test_short_traceback_folds_library_frames_and_keeps_chains_through_own_code(
     frames = [re.sub(r'^File ".*", line \d+, ', "", l.strip()) for l in lines if l.startswith(("  File", "  ..."))]
     assert frames == [me, "... 1 frame in fakelib", "in own_code", "... 1 frame in fakelib", me], text
     assert "fakelib/core.py" not in text and "For simplicity" not in text
+
+
+def test_out_of_memory_on_the_accelerator_is_one_line_naming_the_knobs():
+    from sqlm_jax.errors import one_line_errors
+    refusal = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(33.19G) exceeds available HBM (30.75G).\nmore detail")
+    with pytest.raises(SystemExit) as exit_:
+        with one_line_errors():
+            raise RuntimeError(refusal)
+    message = str(exit_.value.code)
+    assert message.startswith("error: the accelerator ran out of memory (RESOURCE_EXHAUSTED: Ran out of memory")
+    assert "micro_batch_size=-1" in message and "--compile" in message and "\n" not in message
+    with pytest.raises(SystemExit) as exit_:  # any other RESOURCE_EXHAUSTED stays a bug's report
+        with one_line_errors():
+            raise RuntimeError("RESOURCE_EXHAUSTED: too many open files")
+    assert exit_.value.code == 1
