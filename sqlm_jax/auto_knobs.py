@@ -9,10 +9,10 @@ from the command line.
 Two judges of "fits". The memory plan (sqlm_jax.plan) is an estimate, calibrated against XLA's CPU
 compiler; on TPU it is low by a quarter to a half (tpu/README.md). Where the TPU compiler is at hand
 (a TPU run, or `plan --compile` with libtpu), it has the last word (aot.CompiledJudge): the smallest
-candidate is compiled, then the largest that the plan, scaled by the compiler's figure over its own,
-puts within the limit, narrowing till no candidate is left between the largest known to fit and the
-smallest known not to; usually one to three compiles (minutes each on a small host, about a minute
-on a TPU VM).
+candidate is compiled, then the largest that the compiler's figures so far, extrapolated along the
+plan's, put within the limit, narrowing till no candidate is left between the largest known to fit
+and the smallest known not to; usually one to three compiles (minutes each on a small host, about a
+minute on a TPU VM).
 """
 from __future__ import annotations
 
@@ -67,25 +67,34 @@ def _largest(section, field: str, candidates: list[int], fits) -> None:
 
 def _largest_compiled(section, field: str, candidates: list[int], planned, compiled, limit: int) -> None:
     """Sets `section[field]` to the largest of `candidates` (largest first) whose compiled figure fits
-    `limit`: the smallest is compiled first (a program over the chip is the slow one to compile, XLA
-    trying to fit it), then each time the largest candidate between the largest known to fit and the
-    smallest known not to whose plan, scaled by the compiler's last figure over the plan's, is within
-    the limit, till none is left between them. Each candidate is compiled at most once."""
-    def measure(i: int) -> tuple[int, int]:
-        section[field] = candidates[i]
-        return compiled(), planned()
-
+    `limit`. The smallest is compiled first (a program over the chip is the slow one to compile, XLA
+    trying to fit it); then, each time, the largest candidate between the largest known to fit and the
+    smallest known not to that the compiler's figures, extrapolated along the plan's, put within the
+    limit, till none is left between them. Each candidate is compiled at most once; what it returns
+    always fits, though a bent line may leave a larger fitting candidate untried."""
     def plan_of(i: int) -> int:
         section[field] = candidates[i]
         return planned()
 
+    def measure(i: int) -> None:
+        x = plan_of(i)
+        seen.append((x, compiled()))
+
+    def predicted(x: int) -> float:
+        """The compiler's figure at plan figure x, along the line through the last two measurements
+        (a part the plan misses whatever the knob, and its share of what grows with it); after the
+        first, the plan's growth added to that figure."""
+        (x1, y1), (x2, y2) = seen[-1], seen[-2] if len(seen) > 1 else seen[-1]
+        slope = (y1 - y2) / (x1 - x2) if x1 != x2 else 1.0
+        return y1 + (x - x1) * (slope if slope > 0 else 1.0)
+
+    seen: list[tuple[int, int]] = []
     fits, over = len(candidates) - 1, -1
-    measured, plan = measure(fits)
-    while measured <= limit or over >= 0:  # not when even the smallest is over: nothing fits
-        ratio = measured / plan
-        guess = next((i for i in range(over + 1, fits) if plan_of(i) * ratio <= limit), None)
+    measure(fits)
+    while seen[-1][1] <= limit or over >= 0:  # not when even the smallest is over: nothing fits
+        guess = next((i for i in range(over + 1, fits) if predicted(plan_of(i)) <= limit), None)
         if guess is None:
             break
-        measured, plan = measure(guess)
-        fits, over = (guess, over) if measured <= limit else (fits, guess)
+        measure(guess)
+        fits, over = (guess, over) if seen[-1][1] <= limit else (fits, guess)
     section[field] = candidates[fits]

@@ -115,8 +115,8 @@ def test_the_buffers_beside_each_program(offload):
 
 def test_the_tpu_compiler_judges_the_auto_micro_batch():
     """`-1` on a TPU slice: the compiler's judge compiles the smallest micro-batch (8 sequences, one
-    per chip), then the largest that the plan scaled by XLA's figure over its own puts within the
-    limit (16, where the limit is set to hold it), and never the one the scaled plan rules out (32);
+    per chip), then the largest that its figure plus the plan's growth puts within the limit (16,
+    where the limit is set to hold it), and never the one the line through both rules out (32);
     the fit check and the report at the chosen knobs reuse what the search compiled."""
     from sqlm_jax import auto_knobs, plan
     run = _run("algebra", "v5e-8", 64)
@@ -130,8 +130,9 @@ def test_the_tpu_compiler_judges_the_auto_micro_batch():
         at[micro].rl.micro_batch_size, at[micro].rollout.rows_in_flight = micro, 64
     planned = {m: plan.memory_plan(cfg, MODEL, mesh).during("training") for m, cfg in at.items()}
     compiled = {m: judge(at[m], "training") for m in (8, 16)}
-    judge.limit = max(compiled[16], math.ceil(planned[16] * compiled[8] / planned[8]))
-    assert planned[32] * compiled[16] / planned[16] > judge.limit  # the scaled plan rules 32 out
+    judge.limit = max(compiled[16], compiled[8] + planned[16] - planned[8])
+    slope = (compiled[16] - compiled[8]) / (planned[16] - planned[8])
+    assert compiled[16] + (planned[32] - planned[16]) * slope > judge.limit  # the line rules 32 out
     resolved = auto_knobs.resolve(c, MODEL, mesh, 1 << 40, judge)
     assert resolved.rl.micro_batch_size == 16
     updates = [key for name, key in judge._compiled if name == "solver policy update"]
