@@ -288,7 +288,7 @@ def test_cli_prints_the_table_offline():
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr
-    for text in ("Qwen/Qwen2.5-3B-Instruct", "fsdp=16", "KV cache", "solver: 256 prompts x 511 slots + 512 rows x 3072 slots (rows in flight)",
+    for text in ("Qwen/Qwen2.5-3B-Instruct", "fsdp=16", "KV cache", "solver: 256 prompts x 512 slots + 1024 rows x 3072 slots, x 36 layers",
                  "total", "v5p: 95.0 GiB per device", "fits"):
         assert text in run.stdout, run.stdout
 
