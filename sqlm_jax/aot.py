@@ -108,8 +108,10 @@ def _rows(mesh, shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.row_sharding(mesh, shape))
 
 
-# What Learner.offloaded moves to host memory while the samplers run.
+# What Learner.offloaded moves to host memory while the samplers run, and what Learner.update moves
+# there while the other model of a run with a critic updates.
 OFFLOADED = ("policy optimizer", "reference", "critic state")
+AWAY_IN_UPDATE = {"policy update": ("critic state",), "critic update": ("policy params", "policy optimizer")}
 
 
 @dataclasses.dataclass
@@ -168,10 +170,14 @@ class AbstractRun:
                 "reference": None if learner.ref_params is learner.frozen else learner.ref_params,
                 "critic state": learner.critic_state}
 
-    def outside(self, phase: str, *passed: str) -> int:
-        """Per-chip bytes of the resident buffers on the chips during `phase` that a program of it does
-        not take as arguments (rollout.offload_to_host: the sampler's neighbours wait in host memory)."""
-        offloaded = (OFFLOADED if phase == "sampling" and self.config.rollout.offload_to_host else ())
+    def outside(self, phase: str, *passed: str, program: str = "") -> int:
+        """Per-chip bytes of the resident buffers on the chips during `phase` (in `program`) that it does
+        not take as arguments (rollout.offload_to_host: the sampler's neighbours wait in host memory,
+        and with a critic, the other model's TrainState while one updates)."""
+        offload = self.config.rollout.offload_to_host
+        update = next((away for kind, away in AWAY_IN_UPDATE.items() if program.endswith(kind)), ())
+        offloaded = (OFFLOADED if phase == "sampling" else update if self.learner.critic_state is not None
+                     else ()) if offload else ()
         return sum(per_chip_bytes(tree) for name, tree in self.resident().items()
                    if name not in passed and name not in offloaded)
 
@@ -254,16 +260,16 @@ class AbstractRun:
                     raise
                 arguments = sum(per_chip_bytes(self.resident()[arg]) for arg in passed)
                 compiled.append(Program(name=name, phase=phase, arguments=arguments, outputs=0,
-                                        temporaries=temporaries, code=0, outside=self.outside(phase, *passed),
-                                        flops=0.0, bytes_accessed=0.0, compile_s=time.perf_counter() - start,
-                                        exhausted=True))
+                                        temporaries=temporaries, code=0,
+                                        outside=self.outside(phase, *passed, program=name), flops=0.0,
+                                        bytes_accessed=0.0, compile_s=time.perf_counter() - start, exhausted=True))
             else:
                 memory, cost = program.memory_analysis(), _cost(program)
                 compiled.append(Program(
                     name=name, phase=phase, arguments=memory.argument_size_in_bytes,
                     outputs=memory.output_size_in_bytes - memory.alias_size_in_bytes,
                     temporaries=memory.temp_size_in_bytes, code=memory.generated_code_size_in_bytes,
-                    outside=self.outside(phase, *passed), flops=float(cost.get("flops", 0.0)),
+                    outside=self.outside(phase, *passed, program=name), flops=float(cost.get("flops", 0.0)),
                     bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_s=time.perf_counter() - start))
             knobs = (f"micro-batch {self.config.rl.micro_batch_size}" if phase == "training" else
                      f"{self.config.rollout.rows_in_flight or 'all'} rows in flight")

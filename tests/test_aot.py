@@ -113,6 +113,23 @@ def test_the_buffers_beside_each_program(offload):
     assert run.outside("training", *passed["solver policy update"][1]) == reference
 
 
+def test_with_a_critic_the_other_models_state_is_not_beside_an_update():
+    """Coding (a critic, offload to host as shipped): beside the policy's update neither the critic's
+    TrainState nor anything else waits on the chips; beside the critic's, not the policy's."""
+    run = _run("coding", "v4-8", 0)
+    passed = {name: args for name, _, _, args in run.programs()}
+    critic = aot.per_chip_bytes(run.learner.critic_state)
+    policy = sum(aot.per_chip_bytes(run.resident()[k]) for k in ("policy params", "policy optimizer"))
+    assert critic > 0 and policy > 0
+    update = lambda name, **kw: run.outside("training", *passed[name], **kw)
+    assert update("solver policy update") == critic  # the program's name not given: all stays
+    assert update("solver policy update", program="solver policy update") == 0
+    assert update("solver critic update") == policy
+    assert update("solver critic update", program="solver critic update") == 0
+    run.config.rollout.offload_to_host = False
+    assert update("solver policy update", program="solver policy update") == critic
+
+
 def test_the_tpu_compiler_judges_the_auto_micro_batch():
     """`-1` on a TPU slice: the compiler's judge compiles the smallest micro-batch (8 sequences, one
     per chip), then the largest that its figure plus the plan's growth puts within the limit (16,

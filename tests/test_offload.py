@@ -59,3 +59,21 @@ def test_off_by_default_and_no_bit_changed_by_the_round_trips(checkpoint):
         states[offload] = jax.tree.map(np.asarray, (learner.states, learner.ref_params))
     for on, off in zip(jax.tree.leaves(states[True]), jax.tree.leaves(states[False]), strict=True):
         np.testing.assert_array_equal(on, off)
+
+
+def test_the_other_models_state_waits_in_host_memory_while_one_updates(checkpoint, monkeypatch):
+    """With a critic, the critic's TrainState is in host memory during the policy's update and the
+    policy's during the critic's (what coding's update needs on a v4-8); both back on the devices after."""
+    learner = _learner(checkpoint, offload=True)
+    seen = {}
+    for name, attribute, other in (("policy", "_update", "critic_state"), ("critic", "_critic_update", "state")):
+        compiled = getattr(learner, attribute)
+
+        def spy(*args, compiled=compiled, name=name, other=other):
+            seen[name] = _kinds(getattr(learner, other)), _kinds(args[0])
+            return compiled(*args)
+
+        monkeypatch.setattr(learner, attribute, spy)
+    learner.update(_prepared(learner, 97))
+    assert seen == {"critic": ({"pinned_host"}, {"device"}), "policy": ({"pinned_host"}, {"device"})}
+    assert _kinds((learner.state, learner.critic_state)) == {"device"}
