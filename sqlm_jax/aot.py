@@ -281,15 +281,15 @@ class AbstractRun:
 class CompiledJudge:
     """The TPU compiler as the judge of a run's fit (auto_knobs.resolve, plan --compile, a TPU run's
     start): `judge(config, phase)` is the most one chip holds in that phase's largest programs, compiled
-    at the config's knobs; `limit` what it may hold. Compiled programs are kept by name and config, so
-    the knob search and the report compile each at most once."""
+    at the config's knobs; `limit` what it may hold. Compiled programs are kept by name and the knobs
+    they depend on, so the knob search, the fit check and the report compile each at most once."""
 
     def __init__(self, model_cfg: ModelConfig, devices, usable: int, spare: float = 0.05, log=print):
         self.model_config, self.devices, self.log = model_cfg, devices, log
         self.usable, self.limit = usable, int(usable * (1 - spare))
         self._compiled: dict[tuple[str, str], Program] = {}
 
-    def largest(self, config) -> dict[str, str]:
+    def largest(self, config) -> dict[str, list[str]]:
         """Phase -> the programs that bound it: the role with the longer responses (the solver on a
         tie; the other role's programs have the same shapes or shorter ones), its sampler in sampling,
         its policy update (and its critic's) in training."""

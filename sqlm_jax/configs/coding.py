@@ -13,7 +13,7 @@ def get_config():
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True
     # Memory knobs: -1, the largest that fit the slice (sqlm_jax.auto_knobs; on TPU the TPU compiler
-    # judges, from the plan's pick down; per-slice figures in tpu/README.md). Neither changes a token.
+    # judges, from the smallest candidate up; per-slice figures in tpu/README.md). Neither changes a token.
     c.rl.micro_batch_size = -1
     c.rollout.rows_in_flight = -1
     c.rollout.offload_to_host = True  # the optimizer state and reference wait in host memory while sampling

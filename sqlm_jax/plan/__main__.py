@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
         model_cfg = plan.load_model_config(config)
         budget = (accelerator_bytes(family, math.prod(mesh_shape.values())) if family is not None
                   else local_device_bytes())
-        if f.compile:  # the TPU compiler judges the auto knobs (auto_knobs: from the plan's pick down)
+        if f.compile:  # the TPU compiler judges the auto knobs (auto_knobs: from the smallest candidate up)
             config.mesh = mesh_shape
             judge = aot.CompiledJudge(model_cfg, devices, aot.usable_bytes(family), COMPILED_SPARE,
                                       log=lambda line: print(line, file=sys.stderr, flush=True))
