@@ -174,10 +174,11 @@ class AbstractRun:
         """Per-chip bytes of the resident buffers on the chips during `phase` (in `program`) that it does
         not take as arguments (rollout.offload_to_host: the sampler's neighbours wait in host memory,
         and with a critic, the other model's TrainState while one updates)."""
-        offload = self.config.rollout.offload_to_host
-        update = next((away for kind, away in AWAY_IN_UPDATE.items() if program.endswith(kind)), ())
-        offloaded = (OFFLOADED if phase == "sampling" else update if self.learner.critic_state is not None
-                     else ()) if offload else ()
+        offloaded = ()
+        if self.config.rollout.offload_to_host and phase == "sampling":
+            offloaded = OFFLOADED
+        elif self.config.rollout.offload_to_host and self.learner.critic_state is not None:
+            offloaded = next((away for kind, away in AWAY_IN_UPDATE.items() if program.endswith(kind)), ())
         return sum(per_chip_bytes(tree) for name, tree in self.resident().items()
                    if name not in passed and name not in offloaded)
 
