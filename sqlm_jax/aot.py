@@ -17,9 +17,11 @@ Nothing is allocated and nothing is downloaded; a 3B program takes minutes to co
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import importlib.util
 import math
+import multiprocessing
 import os
 import re
 import time
@@ -272,21 +274,38 @@ class AbstractRun:
                     temporaries=memory.temp_size_in_bytes, code=memory.generated_code_size_in_bytes,
                     outside=self.outside(phase, *passed, program=name), flops=float(cost.get("flops", 0.0)),
                     bytes_accessed=float(cost.get("bytes accessed", 0.0)), compile_s=time.perf_counter() - start))
-            knobs = (f"micro-batch {self.config.rl.micro_batch_size}" if phase == "training" else
-                     f"{self.config.rollout.rows_in_flight or 'all'} rows in flight")
-            log(f"compiled {name} ({knobs}) in {compiled[-1].compile_s:.0f} s: {compiled[-1].total / GiB:.2f} "
-                f"GiB per chip{' (XLA: its temporaries alone exceed the chip)' if compiled[-1].exhausted else ''}")
+            log(describe(compiled[-1], self.config))
         return compiled
+
+
+def describe(program: Program, config) -> str:
+    """One line of the compile log: the program, the knob it was compiled at, its time and figure."""
+    knob = (f"micro-batch {config.rl.micro_batch_size}" if program.phase == "training" else
+            f"{config.rollout.rows_in_flight or 'all'} rows in flight")
+    return (f"compiled {program.name} ({knob}) in {program.compile_s:.0f} s: {program.total / GiB:.2f} GiB per chip"
+            f"{' (XLA: its temporaries alone exceed the chip)' if program.exhausted else ''}")
+
+
+def _compile_apart(accelerator: str, config, model_cfg: ModelConfig, name: str) -> Program:
+    """In a process of its own: program `name` of the run compiled for the slice `accelerator`."""
+    _, devices = slice_devices(accelerator)
+    [program] = AbstractRun.build(config, model_cfg, devices).compile(only=name.__eq__, log=lambda line: None)
+    return program
 
 
 class CompiledJudge:
     """The TPU compiler as the judge of a run's fit (auto_knobs.resolve, plan --compile, a TPU run's
     start): `judge(config, phase)` is the most one chip holds in that phase's largest programs, compiled
     at the config's knobs; `limit` what it may hold. Compiled programs are kept by name and the knobs
-    they depend on, so the knob search, the fit check and the report compile each at most once."""
+    they depend on, so the knob search, the fit check and the report compile each at most once.
 
-    def __init__(self, model_cfg: ModelConfig, devices, usable: int, spare: float = 0.05, log=print):
-        self.model_config, self.devices, self.log = model_cfg, devices, log
+    With `accelerator` (a slice this host does not have, e.g. "v5e-8") each program is compiled in a
+    fresh process: XLA's compiler keeps the host memory it grew to after a compile (a 3B program's
+    takes 5–9 GB), so a knob search compiling several in one process outgrows a small host."""
+
+    def __init__(self, model_cfg: ModelConfig, devices, usable: int, spare: float = 0.05, log=print,
+                 accelerator: str | None = None):
+        self.model_config, self.devices, self.log, self.accelerator = model_cfg, devices, log, accelerator
         self.usable, self.limit = usable, int(usable * (1 - spare))
         self._compiled: dict[tuple[str, str], Program] = {}
 
@@ -304,10 +323,24 @@ class CompiledJudge:
         run = AbstractRun.build(config, self.model_config, self.devices)
         wanted = {name: _key(config, phase) for name, phase, *_ in run.programs() if names is None or name in names}
         missing = [name for name, key in wanted.items() if (name, key) not in self._compiled]
-        if missing:
-            for program in run.compile(only=missing.__contains__, log=self.log):
-                self._compiled[program.name, wanted[program.name]] = program
+        if self.accelerator is not None:
+            fresh = [self._apart(config, name) for name in missing]
+        else:
+            fresh = run.compile(only=missing.__contains__, log=self.log) if missing else []
+        for program in fresh:
+            self._compiled[program.name, wanted[program.name]] = program
         return [self._compiled[item] for item in wanted.items()]
+
+    def _apart(self, config, name: str) -> Program:
+        spawn = multiprocessing.get_context("spawn")  # a fork would share this process's compiler state
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            try:
+                program = pool.submit(_compile_apart, self.accelerator, config, self.model_config, name).result()
+            except concurrent.futures.process.BrokenProcessPool:
+                raise RuntimeError(f"the process compiling {name} died (killed for host memory? a 3B "
+                                   "program needs 5-9 GB): compile on a larger host") from None
+        self.log(describe(program, config))
+        return program
 
     def __call__(self, config, phase: str) -> int:
         return max(p.total for p in self.programs(config, self.largest(config)[phase]))

@@ -170,3 +170,18 @@ def test_xla_refusing_a_program_for_memory_is_a_figure():
     assert aot.exhausted_temporaries(refusal) == int(33.19 * 2 ** 30)
     assert aot.exhausted_temporaries(refusal.replace("33.19G", "512M")) == 512 * 2 ** 20
     assert aot.exhausted_temporaries("INVALID_ARGUMENT: shapes differ") is None
+
+
+def test_a_slice_this_host_lacks_compiles_each_program_in_a_process_of_its_own(monkeypatch):
+    """plan --compile's judge (`accelerator`) compiles in a fresh process, so the host memory XLA's
+    compiler grows to is handed back after each program of a knob search; the figures are the same
+    as compiled here."""
+    run = _run("algebra", "v5e-8", 64)
+    devices, usable = list(run.mesh.devices.flat), aot.usable_bytes("v5e")
+    [here] = aot.CompiledJudge(MODEL, devices, usable).programs(run.config, ["solver log-prob pass"])
+    monkeypatch.setattr(aot.AbstractRun, "compile", lambda *a, **k: pytest.fail("compiled in this process"))
+    lines = []
+    judge = aot.CompiledJudge(MODEL, devices, usable, log=lines.append, accelerator="v5e-8")
+    [apart] = judge.programs(run.config, ["solver log-prob pass"])
+    assert (apart.total, apart.temporaries, apart.arguments) == (here.total, here.temporaries, here.arguments)
+    assert lines == [aot.describe(apart, run.config)]

@@ -89,7 +89,8 @@ def main(argv: list[str]) -> None:
         if f.compile:  # the TPU compiler judges the auto knobs (auto_knobs: from the smallest candidate up)
             config.mesh = mesh_shape
             judge = aot.CompiledJudge(model_cfg, devices, aot.usable_bytes(family), COMPILED_SPARE,
-                                      log=lambda line: print(line, file=sys.stderr, flush=True))
+                                      log=lambda line: print(line, file=sys.stderr, flush=True),
+                                      accelerator=f.accelerator)
         config = auto_knobs.resolve(config, model_cfg, mesh_shape, budget, judge)
         estimate = plan.memory_plan(config, model_cfg, mesh_shape)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
