@@ -197,10 +197,11 @@ class AbstractRun:
     def _prompts(self, role: str) -> int:
         return 1 if role == "proposer" else self.config.rollout.batch_size * self.config.rollout.n
 
-    def batch(self, role: str) -> RoleBatch:
-        """The role's batch as `Learner.role_batch` places it, its prompts at their longest."""
+    def batch(self, role: str, rows: int | None = None) -> RoleBatch:
+        """The role's batch as `Learner.role_batch` places it, its prompts at their longest (`rows`:
+        that many of its rows, default all)."""
         r, params = self.config.rollout, self.sampling_params(role)
-        rows, prompt = self._prompts(role) * params.n, sampling.bucket_length(r.max_prompt_len)
+        rows, prompt = rows or self._prompts(role) * params.n, sampling.bucket_length(r.max_prompt_len)
         f32 = lambda: _rows(self.mesh, (rows, params.max_new_tokens), jnp.float32)
         return RoleBatch(
             prompt_ids=_rows(self.mesh, (rows, prompt), jnp.int32),

@@ -110,6 +110,15 @@ def main(argv: list[str]) -> None:
             sys.exit(f"error: {e}")
         print(table)
         fits = record["fits"]
+        if f.step_time:
+            from sqlm_jax import step_time
+            timer = step_time.StepTime(config, model_cfg, judge.devices, f.accelerator,
+                                       log=lambda line: print(line, file=sys.stderr, flush=True))
+            table, record["step_time"] = step_time.step_table(timer.project())
+            projected = {p["name"]: p for p in record["step_time"]["programs"]}
+            for program in record["programs"]:
+                program.update({k: projected[program["name"]][k] for k in ("projected_s", "ideal_s", "roofline_ratio")})
+            print(f"Projected step time on {f.accelerator} (XLA's cost model, loop bodies x trip counts):\n{table}")
         if f.json:
             with open(f.json, "w") as out:
                 json.dump(record, out, indent=1)
@@ -131,6 +140,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("programs", None, "with --compile: only these programs, comma-separated "
                         "(e.g. 'solver sampler,solver policy update'; default: every program of a step)")
     flags.DEFINE_string("json", None, "with --compile: write the compiled figures to this JSON file")
+    flags.DEFINE_bool("step_time", False, "with --compile: also project a step's seconds on the slice "
+                      "and each program's roofline ratio (sqlm_jax.step_time)")
 
 
 if __name__ == "__main__":
