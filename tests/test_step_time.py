@@ -4,11 +4,14 @@ v5e-8 on this CPU host, extrapolated in depth and multiplied by the config's tri
 Skipped, with the reason, only where libtpu cannot be loaded (pip install -e ".[aot]").
 """
 import dataclasses
+import json
+import subprocess
+import sys
 
 import pytest
 
 from sqlm_jax import aot, step_time
-from test_aot import MODEL, _run
+from test_aot import MODEL, ROOT, _run
 
 V5E_PEAK, V5E_BANDWIDTH = step_time.CHIPS["v5e"]
 
@@ -81,3 +84,26 @@ def test_a_decode_steps_ideal_reads_the_chips_share_of_weights_and_live_cache_on
     live_kv = 64 * (64 + 64 / 4) * (2 * 2 * 2 * 48 * 2) / 8
     decode = next(p for p in timer._sampler("solver") if p.name == "solver decode step")
     assert decode.ideal_s == pytest.approx((weights + live_kv) / V5E_BANDWIDTH)
+
+
+def test_plan_compile_cli_judges_the_fit_and_projects_the_step(tmp_path):
+    """The command a user runs before renting a slice, on a scaled-down model: every compile in a
+    process of its own, exit 0 when the programs fit, the step's projection in the table and --json."""
+    _run("algebra", "v5e-8", 64)  # skips where libtpu cannot be loaded
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(MODEL.to_hf_dict()))
+    sizes = {"model.path": tmp_path / "model", "rollout.batch_size": 16, "rollout.max_prompt_len": 64,
+             "rollout.proposer_max_new_tokens": 128, "rollout.solver_max_new_tokens": 128,
+             "rl.mini_batch_size": 8, "rl.micro_batch_size": 16, "rollout.rows_in_flight": 64}
+    run = subprocess.run(
+        [sys.executable, "-m", "sqlm_jax.plan", "--config=configs/algebra.py", "--accelerator=v5e-8", "--compile",
+         "--programs=solver log-prob pass", "--step_time", f"--json={tmp_path / 'out.json'}",
+         *(f"--config.{key}={value}" for key, value in sizes.items())],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "solver log-prob pass" in run.stdout and "fits" in run.stdout and "one step" in run.stdout
+    record = json.loads((tmp_path / "out.json").read_text())
+    assert record["fits"] and [p["name"] for p in record["programs"]] == ["solver log-prob pass"]
+    assert record["programs"][0]["roofline_ratio"] >= 1.0
+    step = record["step_time"]
+    assert step["projected_s"] == pytest.approx(sum(p["runs_per_step"] * p["projected_s"] for p in step["programs"]))

@@ -1,8 +1,9 @@
-"""`python -m sqlm_jax.plan --config=FILE [--mesh=...] [--accelerator=SLICE] [--compile] [--json=PATH]`
+"""`python -m sqlm_jax.plan --config=FILE [--mesh=...] [--accelerator=SLICE] [--compile [--step_time]] [--json=PATH]`
 
 The per-device memory plan of a config (sqlm_jax.plan); with `--compile`, the TPU compiler's own
 account of every program of a step, compiled for the slice without one (sqlm_jax.aot), beside the
-plan's estimate. Exit 1 when the run does not fit, with what to change.
+plan's estimate; with `--step_time` too, a step's projected seconds and roofline ratios by the
+compiler's cost model (sqlm_jax.step_time). Exit 1 when the run does not fit, with what to change.
 """
 from __future__ import annotations
 
