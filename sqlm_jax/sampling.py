@@ -254,18 +254,20 @@ def _decode_segment(model: Transformer, state: DecodeState, end: int, params: Sa
     prompt_len = state.kv_mask.shape[1] - params.max_new_tokens
     length = end - 1
     kv_mask = state.kv_mask[:, :prompt_len + length]
-
-    def step(state: DecodeState) -> DecodeState:
-        last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [N, 1]
-        positions = state.positions + 1
-        hidden, cache = model.hidden_states(last, positions[:, None], kv_mask, cache=state.cache,
-                                            write_index=state.step - 1, prefix=state.prefix)
-        state = state._replace(positions=positions, cache=cache)
-        return _constrain_state(_emit(state, model.logits(hidden[:, 0]), params), mesh)
-
     running = lambda state: (state.step < end) & ~jnp.all(state.done)
     state = _constrain_state(state._replace(cache=_grow_cache(state.cache, length)), mesh)
-    return jax.lax.while_loop(running, step, state)
+    return jax.lax.while_loop(running, lambda state: decode_step(model, state, kv_mask, params, mesh), state)
+
+
+def decode_step(model: Transformer, state: DecodeState, kv_mask: jax.Array, params: SamplingParams,
+                mesh: Mesh | None) -> DecodeState:
+    """Token `state.step` of every row, over the cache slots `kv_mask [N, P + S]` covers."""
+    last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [N, 1]
+    positions = state.positions + 1
+    hidden, cache = model.hidden_states(last, positions[:, None], kv_mask, cache=state.cache,
+                                        write_index=state.step - 1, prefix=state.prefix)
+    state = state._replace(positions=positions, cache=cache)
+    return _constrain_state(_emit(state, model.logits(hidden[:, 0]), params), mesh)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("params", "mesh"))

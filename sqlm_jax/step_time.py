@@ -4,11 +4,11 @@ XLA's `cost_analysis()` gives a compiled program's FLOPs and bytes accessed per 
 loop's body once, and a step's programs are loops: the update over mini- and micro-batches, the
 log-prob pass over micro-batches, the sampler over decode steps, and inside them the layers' sequence
 blocks and the loss's logits chunks. So the bodies are compiled as programs of their own, with the
-run's code (sqlm_jax.aot builds it from shapes): one mini-batch's optimizer step (its scan body: one
-micro-batch's gradient, then the update applied), one micro-batch's gradient alone, one micro-batch's
-log-prob pass, one decode step. Each is compiled without inner loops (seq_block 0, one logits
-chunk) at two depths, 1 and 2 layers: their difference is one layer's cost, extrapolated to the
-model's depth, then multiplied by the config's trip counts.
+run's code (sqlm_jax.aot builds it from shapes): one mini-batch's optimizer step (its scan's body,
+one micro-batch's gradient, and the update applied), one micro-batch's log-prob pass, one decode
+step. Each is compiled without inner loops (seq_block 0, one logits chunk) at two depths, 1 and 2
+layers: their difference is one layer's cost, extrapolated to the model's depth, then multiplied by
+the config's trip counts.
 
 A piece's time is the roofline's max(FLOPs / peak, bytes / bandwidth) per chip. Its ideal is FLOPs /
 peak for the update and the log-prob pass, and the chip's share of the weights and of the live KV
@@ -29,8 +29,6 @@ import numpy as np
 from flax import nnx
 
 from sqlm_jax import aot, sampling
-from sqlm_jax.models.lora import with_frozen
-from sqlm_jax.train_step import LossConfig, policy_loss_fn, value_loss_fn
 from sqlm_jax.device_memory import parse_accelerator
 from sqlm_jax.mesh import replicated
 from sqlm_jax.models.config import ModelConfig
@@ -80,21 +78,6 @@ def shallow_run(config, model_cfg: ModelConfig, depth: int, devices) -> aot.Abst
     return aot.AbstractRun.build(c, dataclasses.replace(model_cfg, num_layers=depth, seq_block=0), devices)
 
 
-def lower_gradient(run: aot.AbstractRun, role: str, model: str = "policy"):
-    """One micro-batch's gradient of the policy's (or the critic's) loss."""
-    learner = run.learner
-    batch = run.batch(role, int(run.config.rl.micro_batch_size))
-    weights = aot._rows(run.mesh, batch.response_mask.shape, jnp.float32)
-    if model == "critic":
-        loss = value_loss_fn(learner.critic_graphdef, run.config.rl.value_clip)
-        params, frozen = learner.critic_state.params, None
-    else:
-        loss = policy_loss_fn(learner.graphdef, LossConfig.from_config(run.config.rl))
-        params, frozen = learner.state.params, learner.frozen
-    grad = jax.jit(jax.grad(lambda p, mb, w, f: with_frozen(loss, f)(p, mb, w)[0]))
-    return grad.lower(params, batch, weights, frozen)
-
-
 def lower_optimizer_step(run: aot.AbstractRun, role: str, model: str = "policy"):
     """The update program on one mini-batch: its micro-batch scan's body (one micro-batch's gradient)
     counted once, and the optimizer's update applied."""
@@ -141,12 +124,14 @@ def lower_decode_step(run: aot.AbstractRun, role: str, model: str = "policy"):
     placed = jax.tree.map(lambda x: aot._rows(run.mesh, x.shape, x.dtype) if x.ndim else
                           jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(run.mesh)),
                           jax.eval_shape(state_at, weights, prompts, key))
-    # Its cache already `length` slots long, the segment's while loop is the one step, counted once.
-    step = jax.jit(lambda w, s: sampling._decode_segment(nnx.merge(graphdef, w), s, length + 1, params, run.mesh))
-    return step.lower(weights, placed)
+    mask = aot._rows(run.mesh, (rows, placed.kv_mask.shape[1] - params.max_new_tokens + length), bool)
+    # The state donated, as the decode loop updates it in place.
+    step = jax.jit(lambda w, s, m: sampling.decode_step(nnx.merge(graphdef, w), s, m, params, run.mesh),
+                   donate_argnums=1)
+    return step.lower(weights, placed, mask)
 
 
-PIECES = {"gradient": lower_gradient, "optimizer step": lower_optimizer_step,
+PIECES = {"optimizer step": lower_optimizer_step,
           "log-prob pass": lower_logprob_pass, "decode step": lower_decode_step}
 
 
@@ -210,10 +195,11 @@ class StepTime:
             out.append(self._roofline(f"{role} log-prob pass", [
                 (rows / c.rl.micro_batch_size, self.cost("log-prob pass", role))], 1.0 if critic else updated))
             minis = c.rl.ppo_epochs * rows / (c.rl.mini_batch_size * c.rollout.n)
+            # Each micro-batch as the scan's body, whose piece also applies the update: counted once a
+            # micro-batch, not once a mini-batch (AdamW's pass over the weights: ~1% of the update).
             for model, per_step in [("policy", updated)] + ([("critic", 1.0)] if critic else []):
                 out.append(self._roofline(f"{role} {model} update", [
-                    (minis, self.cost("optimizer step", role, model)),
-                    (minis * (micro - 1), self.cost("gradient", role, model))], per_step))
+                    (minis * micro, self.cost("optimizer step", role, model))], per_step))
         return out
 
     def _sampler(self, role: str) -> list[Projection]:

@@ -27,6 +27,7 @@ MODEL = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=1000, hidden_siz
                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=48, qkv_bias=True,
                     param_dtype="float32", compute_dtype="bfloat16", remat=True, eos_token_id=2)
 REDUCTION = re.compile(r"= (\(?[^=]*?) (?:all-reduce|reduce-scatter)\(")
+GATHER = re.compile(r"= (\(?[^=]*?) all-gather(?:-start)?\(")
 SHAPE = re.compile(r"(bf16|f16|f32)\[([\d,]*)\]")
 
 
@@ -48,20 +49,33 @@ def _run(name: str, accelerator: str, rows_in_flight: int) -> aot.AbstractRun:
     return aot.AbstractRun.build(c, MODEL, devices)
 
 
-def activation_reductions(hlo: str, weights) -> list[str]:
+def _weight_like(weights):
+    """Whether sorted dims are a weight's, up to the TPU's tile padding."""
+    shapes = {tuple(sorted(x.shape)) for x in jax.tree.leaves(weights)}
+    return lambda dims: any(len(w) == len(dims) and all(a <= d < a + 128 for a, d in zip(w, dims))
+                            for w in shapes)
+
+
+def _tensors(pattern: re.Pattern, hlo: str) -> list[list[int]]:
+    """The sorted dims of the floating-point results of `pattern`'s collectives in `hlo`."""
+    return [sorted(int(d) for d in dims.split(",") if d)
+            for results in pattern.findall(hlo) for _, dims in SHAPE.findall(results)]
+
+
+def activation_reductions(hlo: str, weights, decode_rows: int = 0) -> list[str]:
     """The floating-point tensors that `hlo`'s all-reduces and reduce-scatters sum and that are not
     a weight's gradient (up to the TPU's tile padding) nor a handful of metrics: activations, partial
-    products of every row."""
-    shapes = {tuple(sorted(x.shape)) for x in jax.tree.leaves(weights)}
-    is_weight = lambda dims: any(len(w) == len(dims) and all(a <= d < a + 128 for a, d in zip(w, dims))
-                                 for w in shapes)
-    found = []
-    for operands in REDUCTION.findall(hlo):
-        for dtype, dims in SHAPE.findall(operands):
-            dims = sorted(int(d) for d in dims.split(",") if d)
-            if math.prod(dims) > 1024 and not is_weight(dims):
-                found.append(f"{dtype}{dims}")
-    return found
+    products of every row. `decode_rows`: a decode step's one position of each of that many rows is
+    allowed: summing it moves a few MiB where gathering the step's weights moves the model (issue 31)."""
+    is_weight, widest = _weight_like(weights), max(2 * MODEL.intermediate_size, MODEL.vocab_size)
+    return [f"{dims}" for dims in _tensors(REDUCTION, hlo)
+            if math.prod(dims) > 1024 and not is_weight(dims) and math.prod(dims) > decode_rows * widest]
+
+
+def weight_gathers(hlo: str, weights) -> list[str]:
+    """The weights (up to tile padding) that `hlo` all-gathers."""
+    is_weight = _weight_like(weights)
+    return [f"{dims}" for dims in _tensors(GATHER, hlo) if math.prod(dims) > 1024 and is_weight(dims)]
 
 
 @pytest.mark.parametrize("config,accelerator,rows_in_flight,programs", [
@@ -82,7 +96,18 @@ def test_programs_compile_for_the_slice_with_rows_split(config, accelerator, row
         assert memory.generated_code_size_in_bytes > 0
         weights = [run.learner.state.params, None if run.learner.critic_state is None
                    else run.learner.critic_state.params]
-        assert activation_reductions(compiled.as_text(), weights) == [], name
+        decode_rows = rows_in_flight or 16 * 4 * 4 if name.endswith("sampler") else 0
+        assert activation_reductions(compiled.as_text(), weights, decode_rows) == [], name
+
+
+def test_a_decode_step_reads_each_chips_share_of_the_weights():
+    """A decode step gathers no weight: each chip multiplies its share and the rows' one position is
+    summed over the chips (a training layout's rows pinned in decode gathered every weight, and the
+    embedding table several times, in every step: issue 31)."""
+    from sqlm_jax import step_time
+    run = _run("algebra", "v5e-8", 64)
+    hlo = step_time.lower_decode_step(run, "solver").compile().as_text()
+    assert weight_gathers(hlo, run.learner.state.params) == []
 
 
 def test_topology_names():

@@ -76,9 +76,15 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, prefix: L
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
     """q `[N, T, K, G, H]` · k `[N, K, H, S]` -> `[N, K, G, T, S]` float32, unscaled."""
     b, t, kv_heads, g, dh = q.shape
+    if t == 1 and k.dtype != jnp.float32:
+        # One query per row (decoding) over a bfloat16 cache (TPU, GPU): a dot accumulating in float32
+        # reads the cache once as it is. Multiply-and-sum in float32 made XLA's TPU program write a
+        # float32 copy of each layer's cache and read it back, every step (sqlm_jax.step_time).
+        return jnp.einsum("nkgh,nkhs->nkgs", q[:, 0], k.astype(q.dtype),
+                          preferred_element_type=jnp.float32)[:, :, :, None]
     if t == 1:
-        # One query per row (decoding): multiply-and-sum in float32, which XLA fuses into one pass over
-        # the cache. Its CPU dot for these tiny per-(N, K) products was 3-4x slower (bench/sampling.py).
+        # A float32 cache (CPU): multiply-and-sum, which XLA fuses into one pass over the cache. Its
+        # CPU dot for these tiny per-(N, K) products was 3-4x slower (bench/sampling.py).
         q32 = q[:, 0].astype(jnp.float32)  # [N, K, G, H]
         return jnp.sum(q32[..., None] * k[:, :, None].astype(jnp.float32), axis=3)[:, :, :, None]
     # The G·T queries of a kv head as the rows of one plain matmul per (N, K). As an einsum over the
@@ -91,6 +97,9 @@ def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
 def _weighted_values(probs: jax.Array, v: jax.Array, dtype) -> jax.Array:
     """probs `[N, K, G, T, S]` (float32) · v `[N, K, S, H]` -> `[N, T, K, G, H]` in `dtype`."""
     b, kv_heads, g, t, s = probs.shape
+    if t == 1 and v.dtype != jnp.float32:  # a bfloat16 cache read once, as in _scores
+        out = jnp.einsum("nkgs,nksh->nkgh", probs[:, :, :, 0].astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return out[:, None].astype(dtype)
     if t == 1:
         out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None].astype(jnp.float32), axis=3)[:, None]
         return out.astype(dtype)

@@ -285,6 +285,8 @@ class Transformer(nnx.Module):
         """
         cfg = self.config
         rows = lambda x: mesh_lib.constrain_rows(x, self.row_mesh)
+        if input_ids.shape[1] == 1:
+            rows = lambda x: x
         rope = rope_tables(positions, rope_inv_freq(cfg), cfg.compute_dtype)
         x = rows(self.embed[...].astype(cfg.compute_dtype)[input_ids])
         run = _run_layer_remat if cfg.remat else _run_layer
