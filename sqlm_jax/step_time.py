@@ -224,13 +224,13 @@ class StepTime:
 
 def step_table(projections: list[Projection]) -> tuple[str, dict]:
     """The projected step as a table and as the --json object's "step_time"."""
-    lines = [f"{'program':<26}{'TFLOP':>9}{'GB':>9}{'runs/step':>10}{'projected s':>12}{'ideal s':>9}{'ratio':>7}"]
+    lines = [f"{'program':<26}{'TFLOP':>11}{'GB':>11}{'runs/step':>10}{'projected s':>12}{'ideal s':>10}{'ratio':>7}"]
     for p in projections:
-        lines.append(f"{p.name:<26}{p.flops / 1e12:9.2f}{p.bytes / 1e9:9.2f}{p.per_step:10.2f}"
-                     f"{p.projected_s:12.3f}{p.ideal_s:9.3f}{p.roofline_ratio:7.2f}")
+        lines.append(f"{p.name:<26}{p.flops / 1e12:11.2f}{p.bytes / 1e9:11.2f}{p.per_step:10.2f}"
+                     f"{p.projected_s:12.4f}{p.ideal_s:10.4f}{p.roofline_ratio:7.2f}")
     projected = sum(p.per_step * p.projected_s for p in projections)
     ideal = sum(p.per_step * p.ideal_s for p in projections)
-    lines.append(f"{'one step':<26}{'':>28}{projected:12.1f}{ideal:9.1f}{projected / ideal:7.2f}")
+    lines.append(f"{'one step':<26}{'':>32}{projected:12.1f}{ideal:10.1f}{projected / ideal:7.2f}")
     record = {"projected_s": projected, "ideal_s": ideal, "roofline_ratio": projected / ideal,
               "programs": [{"name": p.name, "runs_per_step": p.per_step, "flops": p.flops, "bytes_accessed": p.bytes,
                             "projected_s": p.projected_s, "ideal_s": p.ideal_s, "roofline_ratio": p.roofline_ratio}
