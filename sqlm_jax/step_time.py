@@ -25,7 +25,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from sqlm_jax import aot, sampling
@@ -39,6 +38,11 @@ DEPTHS = (1, 2)  # the pieces' depths: their difference is one layer
 ONE_CHUNK_MIB = 1e9  # logits_chunk_mib: the loss's logits in one chunk, no loop
 
 
+def at_depth(low: float, high: float, depth: int) -> float:
+    """A figure at DEPTHS[0] layers (`low`) and DEPTHS[1] (`high`), extrapolated to `depth` layers."""
+    return low + (depth - DEPTHS[0]) / (DEPTHS[1] - DEPTHS[0]) * (high - low)
+
+
 @dataclasses.dataclass(frozen=True)
 class Cost:
     """Per chip: FLOPs and bytes accessed, as XLA's cost model counts them."""
@@ -48,8 +52,7 @@ class Cost:
 
     def at_depth(self, deeper: "Cost", depth: int) -> "Cost":
         """This cost at DEPTHS[0] layers and `deeper` at DEPTHS[1], extrapolated to `depth` layers."""
-        steps = (depth - DEPTHS[0]) / (DEPTHS[1] - DEPTHS[0])
-        return Cost(self.flops + steps * (deeper.flops - self.flops), self.bytes + steps * (deeper.bytes - self.bytes))
+        return Cost(at_depth(self.flops, deeper.flops, depth), at_depth(self.bytes, deeper.bytes, depth))
 
     def seconds(self, chip: tuple[float, float]) -> float:
         return max(self.flops / chip[0], self.bytes / chip[1])
@@ -131,8 +134,8 @@ def lower_decode_step(run: aot.AbstractRun, role: str, model: str = "policy"):
     return step.lower(weights, placed, mask)
 
 
-PIECES = {"optimizer step": lower_optimizer_step,
-          "log-prob pass": lower_logprob_pass, "decode step": lower_decode_step}
+PIECES = {"optimizer step": lower_optimizer_step, "log-prob pass": lower_logprob_pass,
+          "decode step": lower_decode_step}
 
 
 class StepTime:
@@ -167,8 +170,7 @@ class StepTime:
 
     def _at_depth(self, of) -> float:
         """A figure of the shallow runs (`of(run)`), extrapolated to the model's depth."""
-        low, high = (of(self._runs[depth]) for depth in DEPTHS)
-        return low + (self.model_config.num_layers - DEPTHS[0]) / (DEPTHS[1] - DEPTHS[0]) * (high - low)
+        return at_depth(*(of(self._runs[depth]) for depth in DEPTHS), self.model_config.num_layers)
 
     def _roofline(self, name: str, pieces: list[tuple[float, Cost]], per_step: float,
                   ideal_s: float | None = None, extra_s: float = 0.0) -> Projection:

@@ -280,13 +280,15 @@ class Transformer(nnx.Module):
         """Final-normed hidden states `[N, T, D]` and the updated cache (None without one).
 
         `prefix`: per layer, a cache that groups of rows share ahead of their own (see `attend`).
-        On a mesh (`row_mesh`) the residual stream is pinned to its rows' devices after every block:
-        else XLA splits matmuls on the sharded width and all-reduces every row's (tpu/README.md).
+        On a mesh (`row_mesh`) the residual stream of a pass over several positions is pinned to its
+        rows' devices after every block: else XLA splits matmuls on the sharded width and all-reduces
+        every row's (tpu/README.md). A decode step's one position per row is not: pinned, XLA gathered
+        every weight onto every chip each step; unpinned, each chip multiplies its shard and the rows'
+        one position is summed over the chips, a few MiB a layer (sqlm_jax.step_time).
         """
         cfg = self.config
-        rows = lambda x: mesh_lib.constrain_rows(x, self.row_mesh)
-        if input_ids.shape[1] == 1:
-            rows = lambda x: x
+        pinned = self.row_mesh if input_ids.shape[1] > 1 else None
+        rows = lambda x: mesh_lib.constrain_rows(x, pinned)
         rope = rope_tables(positions, rope_inv_freq(cfg), cfg.compute_dtype)
         x = rows(self.embed[...].astype(cfg.compute_dtype)[input_ids])
         run = _run_layer_remat if cfg.remat else _run_layer
