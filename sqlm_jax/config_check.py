@@ -17,6 +17,7 @@ _CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.attention": ("auto", "splash", "xla"),
 }
 
 

@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
         # through attention's queries and the MLP, each block recomputed in the backward pass, so only
         # one block's scores and MLP activations are alive: memory only, the same results; 0 = all at once.
         "seq_block": 256,
+        # Attention in passes over many positions (prompt passes, log-prob passes, the update): "splash",
+        # the Pallas kernel that keeps its scores in on-chip memory (TPU; elsewhere its interpreter, for
+        # tests only); "xla", scores in memory a query block at a time; "auto": splash on TPU, else xla.
+        # The same results to float rounding; decoding's one position per row is always "xla".
+        "attention": "auto",
         # LoRA (Hu et al. 2021): rank 0 = full fine-tuning (the reference). rank > 0 trains low-rank
         # adapters on the named projections only; the frozen base is the KL reference (no second copy).
         "lora": ml_collections.ConfigDict({

@@ -134,7 +134,7 @@ def evaluate_config(config, model_path: str, *, num_problems: int | None = None,
                     output: str | None = None) -> dict[str, Any]:
     """The CLI's work: `model_path` on `config`'s held-out set; writes the responses to `output`
     (default WORKDIR/eval_responses.jsonl) and returns the report, counts and the file's path."""
-    from sqlm_jax import mesh as mesh_lib
+    from sqlm_jax import mesh as mesh_lib, plan
     from sqlm_jax.models import load_pretrained
     from sqlm_jax.tasks import get_task
     from sqlm_jax.tokenizer import load_tokenizer
@@ -143,7 +143,7 @@ def evaluate_config(config, model_path: str, *, num_problems: int | None = None,
     task = get_task(c.task, **{k: v for k, v in c.task_options.items() if v is not None})
     mesh = mesh_lib.make_mesh(dict(c.mesh))
     model, _ = load_pretrained(model_path, mesh=mesh, dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
-                               seq_block=c.model.seq_block)
+                               **plan.runtime_options(c))
     tokenizer = load_tokenizer(model_path)
     problems, dropped = drop_overlong(tokenizer, task, task.heldout_problems(num_problems or c.eval.num_problems,
                                                                              c.eval.seed), c.eval.max_prompt_len)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +31,15 @@ from flax import nnx
 from sqlm_jax import aot, sampling
 from sqlm_jax.device_memory import parse_accelerator
 from sqlm_jax.mesh import replicated
+from sqlm_jax.models import fused_attention
 from sqlm_jax.models.config import ModelConfig
 
 # Per chip: bfloat16 matmul peak (FLOP/s) and HBM bandwidth (bytes/s), Google's published figures.
 CHIPS = {"v4": (275e12, 1.2e12), "v5e": (197e12, 819e9), "v5p": (459e12, 2.765e12), "v6e": (918e12, 1.64e12)}
 DEPTHS = (1, 2)  # the pieces' depths: their difference is one layer
+# A splash kernel's call in compiled HLO: its kind and its operands' shapes (q first, then the keys).
+SPLASH_CALL = re.compile(r"%splash_mha_(fwd|dq|dkv)\S* = .*?custom-call\(.*?operand_layout_constraints=\{(.*?)\}\}")
+FLOAT_OPERAND = re.compile(r"(bf16|f16|f32)\[([\d,]+)\]")
 ONE_CHUNK_MIB = 1e9  # logits_chunk_mib: the loss's logits in one chunk, no loop
 
 
@@ -72,6 +77,21 @@ class Projection:
     @property
     def roofline_ratio(self) -> float:
         return self.projected_s / self.ideal_s
+
+
+def splash_cost(hlo: str) -> Cost:
+    """The splash attention kernels' FLOPs and bytes in a compiled program (`hlo`, its text), which
+    XLA's cost model counts as nothing: each call's cost from its operands' shapes by the kernel's block
+    schedule (fused_attention.kernel_cost), once per call in the text as XLA counts its own ops."""
+    flops = bytes_ = 0.0
+    for kind, operands in SPLASH_CALL.findall(hlo):
+        (dtype, q), (_, k) = FLOAT_OPERAND.findall(operands)[:2]
+        q, k = [int(d) for d in q.split(",")], [int(d) for d in k.split(",")]
+        rows = q[0] if len(q) == 4 else 1  # [N, K·G, T, H], or one row's [K·G, T, H]
+        heads, t, head_dim = q[-3:]
+        f, b = fused_attention.kernel_cost(kind, rows, heads, t, k[-1], head_dim, 2 if dtype != "f32" else 4)
+        flops, bytes_ = flops + f, bytes_ + b
+    return Cost(flops, bytes_)
 
 
 def shallow_run(config, model_cfg: ModelConfig, depth: int, devices) -> aot.AbstractRun:
@@ -164,8 +184,11 @@ class StepTime:
         the same program)."""
         text = lowered.as_text()
         if text not in self._compiled:
-            cost = aot._cost(lowered.compile())
-            self._compiled[text] = Cost(float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)))
+            compiled = lowered.compile()
+            cost = aot._cost(compiled)
+            kernels = splash_cost(compiled.as_text())
+            self._compiled[text] = Cost(float(cost.get("flops", 0.0)) + kernels.flops,
+                                        float(cost.get("bytes accessed", 0.0)) + kernels.bytes)
         return self._compiled[text]
 
     def _at_depth(self, of) -> float:

@@ -88,8 +88,8 @@ class Trainer:
         else:
             aot.check_fits(judge, c, plan.memory_plan(c, model_cfg, dict(self.mesh.shape)))
         load = lambda: load_pretrained(c.model.path, mesh=self.mesh, dtype=c.model.param_dtype,
-                                       compute_dtype=c.model.compute_dtype, remat=c.model.remat,
-                                       seq_block=c.model.seq_block)
+                                       compute_dtype=c.model.compute_dtype,
+                                       **plan.runtime_options(c))
         model, self.model_config = load()
         critic = None
         if c.rl.advantage == "gae":

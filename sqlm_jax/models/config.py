@@ -23,7 +23,7 @@ class UnsupportedModelError(ValueError):
 class ModelConfig:
     """Shape and numerics of one decoder-only transformer.
 
-    The architecture fields mirror config.json; `param_dtype`, `compute_dtype`, `remat` and `seq_block` are runtime
+    The architecture fields mirror config.json; `param_dtype`, `compute_dtype`, `remat`, `seq_block` and `attention` are runtime
     choices (float32 on CPU; bfloat16 compute on TPU/GPU) and are not written to config.json.
     """
 
@@ -48,6 +48,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: bool = False
     seq_block: int = 256  # positions per row at a time through attention's queries and the MLP (memory only)
+    attention: str = "auto"  # passes over many positions: "splash" (Pallas kernel), "xla", or "auto" by platform
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

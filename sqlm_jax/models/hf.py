@@ -145,7 +145,7 @@ def _read_tensor(file: Path, name: str) -> np.ndarray:
 
 def load_pretrained(path_or_hub_id, *, mesh: jax.sharding.Mesh | None = None, dtype: str = "float32",
                     compute_dtype: str | None = None, remat: bool = False, seq_block: int = 256,
-                    rules=mesh_lib.DEFAULT_RULES) -> tuple[Transformer, ModelConfig]:
+                    attention: str = "auto", rules=mesh_lib.DEFAULT_RULES) -> tuple[Transformer, ModelConfig]:
     """Loads an HF checkpoint (local folder or hub id) as our `Transformer`, sharded over `mesh`.
 
     Tensors are read, converted and placed one at a time, straight into their shards: the host never
@@ -154,7 +154,7 @@ def load_pretrained(path_or_hub_id, *, mesh: jax.sharding.Mesh | None = None, dt
     """
     folder = resolve_checkpoint(path_or_hub_id)
     cfg = read_model_config(folder, param_dtype=dtype, compute_dtype=compute_dtype or dtype, remat=remat,
-                            seq_block=seq_block)
+                            seq_block=seq_block, attention=attention)
     files = _tensor_files(folder)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sqlm_jax import mesh as mesh_lib
+from sqlm_jax.models import fused_attention
 from sqlm_jax.models.attention import LayerCache, attend
 from sqlm_jax.models.config import ModelConfig
 
@@ -101,10 +102,11 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.group_size = g
         self.seq_block = cfg.seq_block
+        self.kernel = cfg.attention
         self.lora_qkv = self.lora_o = None  # LoRA adapters (models/lora.py), attached after loading
 
     def __call__(self, x, positions, kv_mask, rope, cache: LayerCache | None, write_index,
-                 prefix: LayerCache | None = None):
+                 prefix: LayerCache | None = None, mesh=None):
         """x `[N, T, D]`, positions `[N, T]`, kv_mask `[N, S']` (True = a real key), rope = (cos, sin)
         from `rope_tables`.
 
@@ -114,6 +116,8 @@ class Attention(nnx.Module):
         different steps (the sampler's slot refill).
         Keys and values take the cache's layouts (see LayerCache) in both cases. A `prefix` of P slots
         (see `attend`) comes before the row's own keys: S' = P + S, and its slots come first in kv_mask.
+        A pass over several positions at a fixed slot and without a prefix may run the splash kernel
+        (fused_attention; `mesh`, the model's row mesh, says where its rows and heads lie).
         """
         dt = x.dtype
         qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
@@ -142,16 +146,32 @@ class Attention(nnx.Module):
             v = cache.v.at[rows, :, write_index].set(v[:, :, 0].astype(cache.v.dtype))
             cache = LayerCache(k, v)
             query_slot = write_index[:, None]  # [N, 1]
-        prefix_len = 0 if prefix is None else prefix.v.shape[2]
-        key_slot = jnp.arange(prefix_len + v.shape[2])
-        causal = key_slot[None, None, :] <= prefix_len + query_slot[:, :, None]
-        mask = kv_mask[:, None, :] & causal  # [N, T, S']
-        out = attend(q, k.astype(dt), v.astype(dt), mask, prefix, self.seq_block).reshape(b, t, -1)  # [N, T, K·G·H]
+        if t > 1 and prefix is None and isinstance(write_index, int) and use_splash(self.kernel, mesh):
+            out = fused_attention.splash_attend(q, k.astype(dt), v.astype(dt), kv_mask, write_index, mesh,
+                                                interpret=platform(mesh) != "tpu")
+        else:
+            prefix_len = 0 if prefix is None else prefix.v.shape[2]
+            key_slot = jnp.arange(prefix_len + v.shape[2])
+            causal = key_slot[None, None, :] <= prefix_len + query_slot[:, :, None]
+            mask = kv_mask[:, None, :] & causal  # [N, T, S']
+            out = attend(q, k.astype(dt), v.astype(dt), mask, prefix, self.seq_block)
+        out = out.reshape(b, t, -1)  # [N, T, K·G·H]
         # One [K·G·H, D] matmul: contracting (heads, H) as two dims made XLA copy the weight every step.
         projected = out @ self.o[...].astype(dt).reshape(out.shape[-1], -1)
         if self.lora_o is not None:
             projected = projected + self.lora_o(out)
         return projected, cache
+
+
+def platform(mesh) -> str:
+    """The platform a model's passes run on: its mesh's devices' (a TPU slice compiled from this CPU
+    host included), else the default backend's."""
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
+def use_splash(kernel: str, mesh) -> bool:
+    """Whether `ModelConfig.attention` = `kernel` runs the splash kernel on `mesh`'s platform."""
+    return kernel == "splash" or (kernel == "auto" and platform(mesh) == "tpu")
 
 
 class MLP(nnx.Module):
@@ -237,21 +257,23 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, kv_mask, rope, cache, write_index, prefix, rows=lambda x: x):
-        attn_out, cache = self.attn(self.input_norm(x), positions, kv_mask, rope, cache, write_index, prefix)
+    def __call__(self, x, positions, kv_mask, rope, cache, write_index, prefix, rows=lambda x: x, mesh=None):
+        attn_out, cache = self.attn(self.input_norm(x), positions, kv_mask, rope, cache, write_index, prefix, mesh)
         x = rows(x + attn_out)
         return rows(x + self.mlp(self.post_attn_norm(x))), cache
 
 
-def _run_layer(layer, rows, x, positions, kv_mask, rope, cache, write_index, prefix):
-    return layer(x, positions, kv_mask, rope, cache, write_index, prefix, rows)
+def _run_layer(layer, rows, mesh, x, positions, kv_mask, rope, cache, write_index, prefix):
+    return layer(x, positions, kv_mask, rope, cache, write_index, prefix, rows, mesh)
 
 
-def _run_layer_remat(layer, rows, *args):
+def _run_layer_remat(layer, rows, mesh, x, positions, kv_mask, rope, cache, write_index, prefix):
     """`_run_layer` recomputed in the backward pass: `jax.checkpoint` over the layer's split state (nnx.remat
     wrote an outer trace's Variables: the sampler's loops and LoRA's loss failed)."""
     graphdef, state = nnx.split(layer)
-    return jax.checkpoint(lambda state, *args: _run_layer(nnx.merge(graphdef, state), rows, *args))(state, *args)
+    # write_index stays a Python int where it is one: the splash kernel's causal offset is static.
+    return jax.checkpoint(lambda state, *args: _run_layer(nnx.merge(graphdef, state), rows, mesh, *args, write_index,
+                                                          prefix))(state, x, positions, kv_mask, rope, cache)
 
 
 class Transformer(nnx.Module):
@@ -294,7 +316,8 @@ class Transformer(nnx.Module):
         run = _run_layer_remat if cfg.remat else _run_layer
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = run(layer, rows, x, positions, kv_mask, rope, None if cache is None else cache[i],
+            x, layer_cache = run(layer, rows, self.row_mesh, x, positions, kv_mask, rope,
+                                 None if cache is None else cache[i],
                                  write_index, None if prefix is None else prefix[i])
             new_cache.append(layer_cache)
         return self.final_norm(x), (None if cache is None else new_cache)

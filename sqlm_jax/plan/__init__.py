@@ -97,6 +97,12 @@ class Plan:
 # Model config without weights
 
 
+def runtime_options(config) -> dict:
+    """The model's runtime choices in `config` other than dtypes (ModelConfig's fields of those names)."""
+    return dict(remat=bool(config.model.remat), seq_block=int(config.model.seq_block),
+                attention=str(config.model.attention))
+
+
 def load_model_config(config) -> ModelConfig:
     """The ModelConfig of `config.model.path`, with the run's dtypes and remat, read offline if possible.
 
@@ -104,7 +110,7 @@ def load_model_config(config) -> ModelConfig:
     (assets/model_configs); any other hub id: its config.json alone from the hub (or the HF cache).
     """
     runtime = dict(param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
-                   remat=bool(config.model.remat), seq_block=int(config.model.seq_block))
+                   **runtime_options(config))
     path = str(config.model.path)
     if is_local_path(path):
         return read_model_config(resolve_checkpoint(path), **runtime)
