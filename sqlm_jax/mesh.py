@@ -116,6 +116,18 @@ def constrain_rows(tree, mesh: Mesh | None, row_axis: int = 0):
         lambda x: jax.lax.with_sharding_constraint(x, row_sharding(mesh, x.shape, row_axis)), tree)
 
 
+def whole_over_batch_axes(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
+    """Inside jit: `x` (a weight with logical `axes`) gathered whole over the batch axes (data, fsdp) and
+    still split over tensor as the rules place it, as FSDP multiplies a layer (no-op without a mesh)."""
+    if mesh is None:
+        return x
+    batch = {"data", "fsdp"}
+    drop = lambda entry: (entry if entry is None or isinstance(entry, str) and entry not in batch else
+                          None if isinstance(entry, str) else tuple(a for a in entry if a not in batch) or None)
+    spec = P(*(drop(entry) for entry in logical_spec(axes, x.shape, mesh)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def replicated(mesh: Mesh | None) -> NamedSharding | None:
     return None if mesh is None else NamedSharding(mesh, P())
 

@@ -29,6 +29,7 @@ REFILL = "sqlm_jax/refill.py"
 BLOCKS = "tests/test_sampling.py::test_rows_in_flight_on_a_mesh_refill_each_block_and_narrow_its_tail"
 PATHS, EVAL_CLI = "tests/test_config_paths.py", "tests/test_evaluate_cli.py"
 CHECKPOINTS, CKPT_TESTS = "sqlm_jax/checkpoints.py", "tests/test_run_checkpoints.py"
+FUSED, FUSED_TESTS = "sqlm_jax/models/fused_attention.py", "tests/test_fused_attention.py"
 DAMAGED_AGAIN = CKPT_TESTS + "::test_a_step_damaged_again_is_moved_aside_beside_the_first_copy"
 
 MUTATIONS = [
@@ -340,6 +341,20 @@ MUTATIONS = [
      [E2E + "::test_rollout_is_weights_the_advantages_by_the_trainers_over_the_samplers_odds"]),
     ("rollout IS ratio inverted", "sqlm_jax/rollout_is.py", "old_logp - sampler_logp", "sampler_logp - old_logp",
      ["tests/test_rollout_is.py"]),
+    ("splash's causal mask aligned top-left", FUSED, "CausalMask((t, s), offset=s - t)", "CausalMask((t, s), offset=0)",
+     [FUSED_TESTS + "::test_splash_matches_softmax_attention_and_its_gradients"]),
+    ("splash ignores left padding", FUSED, "splash.SegmentIds(q_segment, kv_segment)", "None",
+     [FUSED_TESTS + "::test_splash_matches_softmax_attention_and_its_gradients"]),
+    ("splash unscaled", FUSED, "    q = q * jnp.asarray(1 / math.sqrt(dh), q.dtype)", "",
+     [FUSED_TESTS + "::test_splash_matches_softmax_attention_and_its_gradients"]),
+    ("the dkv kernel's cost counts three matmuls", FUSED, '"dkv": 4}', '"dkv": 3}',
+     [FUSED_TESTS + "::test_blocks_visited_and_the_kernels_cost_by_hand"]),
+    ("step time misses the kernels of one row", "sqlm_jax/step_time.py", "rows = q[0] if len(q) == 4 else 1", "rows = 1",
+     [FUSED_TESTS + "::test_the_tpu_update_writes_no_scores_and_its_kernels_are_costed"]),
+    ("long passes multiply weights left split over fsdp", "sqlm_jax/models/transformer.py",
+     "    return mesh_lib.whole_over_batch_axes(param[...].astype(dtype), axes, mesh)",
+     "    return param[...].astype(dtype)",
+     [FUSED_TESTS + "::test_the_tpu_update_writes_no_scores_and_its_kernels_are_costed"]),
 ]
 
 

@@ -28,6 +28,16 @@ from sqlm_jax.models.attention import LayerCache, attend
 from sqlm_jax.models.config import ModelConfig
 
 
+def _weight(param: nnx.Param, dtype, mesh) -> jax.Array:
+    """A layer's weight in `dtype` for a pass over several positions, whole over the batch axes of
+    `mesh` (None in decode steps: each chip multiplies its shard there, see Transformer.hidden_states).
+    Left split on the width it contracts, XLA's TPU program multiplied the weight's shards one at a time
+    into float32 partial sums of the whole activation, read and written once a shard: ~2/3 of an update's
+    memory traffic at the paper's 3,584 positions (sqlm_jax.step_time)."""
+    axes = param.get_metadata().get("axes") or (None,) * param.ndim
+    return mesh_lib.whole_over_batch_axes(param[...].astype(dtype), axes, mesh)
+
+
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = 0.02) -> nnx.Param:
     value = (jnp.ones(shape, dtype) if std is None
              else std * jax.random.normal(rngs.params(), shape, dtype))
@@ -117,10 +127,11 @@ class Attention(nnx.Module):
         Keys and values take the cache's layouts (see LayerCache) in both cases. A `prefix` of P slots
         (see `attend`) comes before the row's own keys: S' = P + S, and its slots come first in kv_mask.
         A pass over several positions at a fixed slot and without a prefix may run the splash kernel
-        (fused_attention; `mesh`, the model's row mesh, says where its rows and heads lie).
+        (fused_attention; `mesh`, the model's row mesh in such passes, says where its rows and heads
+        lie; see `_weight`).
         """
         dt = x.dtype
-        qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, _weight(self.qkv, dt, mesh))
         if self.lora_qkv is not None:
             qkv = qkv + self.lora_qkv(x).reshape(qkv.shape)
         if self.qkv_bias is not None:
@@ -157,7 +168,7 @@ class Attention(nnx.Module):
             out = attend(q, k.astype(dt), v.astype(dt), mask, prefix, self.seq_block)
         out = out.reshape(b, t, -1)  # [N, T, K·G·H]
         # One [K·G·H, D] matmul: contracting (heads, H) as two dims made XLA copy the weight every step.
-        projected = out @ self.o[...].astype(dt).reshape(out.shape[-1], -1)
+        projected = out @ _weight(self.o, dt, mesh).reshape(out.shape[-1], -1)
         if self.lora_o is not None:
             projected = projected + self.lora_o(out)
         return projected, cache
@@ -182,13 +193,13 @@ class MLP(nnx.Module):
         self.lora_gate_up = self.lora_down = None  # LoRA adapters (models/lora.py), attached after loading
         self.seq_block = cfg.seq_block
 
-    def __call__(self, x):
-        """x `[N, T, D]` -> `[N, T, D]`, each row's positions `seq_block` at a time when T is longer:
+    def __call__(self, x, mesh=None):
+        """x `[N, T, D]` -> `[N, T, D]` (`mesh`: see `_weight`), each row's positions `seq_block` at a time when T is longer:
         each block's `[N, seq_block, 2F]` projections are recomputed in the backward pass, so one
         block's are alive, not the whole row's (at 3,584 positions, ~150 MiB a copy per row, ~17 copies
         in the compiled update: issue 30). Positions are independent here, so the results are the same."""
         b, t, d = x.shape
-        gate_up, down = self.gate_up[...].astype(x.dtype), self.down[...].astype(x.dtype)
+        gate_up, down = _weight(self.gate_up, x.dtype, mesh), _weight(self.down, x.dtype, mesh)
 
         def project(x):  # [M, D] -> [M, D]
             extra = None if self.lora_gate_up is None else self.lora_gate_up(x)
@@ -260,20 +271,31 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, positions, kv_mask, rope, cache, write_index, prefix, rows=lambda x: x, mesh=None):
         attn_out, cache = self.attn(self.input_norm(x), positions, kv_mask, rope, cache, write_index, prefix, mesh)
         x = rows(x + attn_out)
-        return rows(x + self.mlp(self.post_attn_norm(x))), cache
+        return rows(x + self.mlp(self.post_attn_norm(x), mesh)), cache
+
+
+def _in_turn(state, x, mesh):
+    """A layer's state and input; with `mesh` (a pass that gathers each weight whole, `_weight`) tied by
+    an optimization barrier, so XLA gathers a layer's weights once the layer before it is done. Free to
+    schedule them, XLA's TPU program gathered every layer's weights at once (algebra's log-prob pass
+    on a v5e-8: 6.3 -> 10.5 GiB a chip)."""
+    return (state, x) if mesh is None else jax.lax.optimization_barrier((state, x))
 
 
 def _run_layer(layer, rows, mesh, x, positions, kv_mask, rope, cache, write_index, prefix):
-    return layer(x, positions, kv_mask, rope, cache, write_index, prefix, rows, mesh)
+    graphdef, state = nnx.split(layer)
+    state, x = _in_turn(state, x, mesh)
+    return nnx.merge(graphdef, state)(x, positions, kv_mask, rope, cache, write_index, prefix, rows, mesh)
 
 
 def _run_layer_remat(layer, rows, mesh, x, positions, kv_mask, rope, cache, write_index, prefix):
     """`_run_layer` recomputed in the backward pass: `jax.checkpoint` over the layer's split state (nnx.remat
     wrote an outer trace's Variables: the sampler's loops and LoRA's loss failed)."""
     graphdef, state = nnx.split(layer)
+    state, x = _in_turn(state, x, mesh)
     # write_index stays a Python int where it is one: the splash kernel's causal offset is static.
-    return jax.checkpoint(lambda state, *args: _run_layer(nnx.merge(graphdef, state), rows, mesh, *args, write_index,
-                                                          prefix))(state, x, positions, kv_mask, rope, cache)
+    layer_fn = lambda state, *args: nnx.merge(graphdef, state)(*args, write_index, prefix, rows, mesh)
+    return jax.checkpoint(layer_fn)(state, x, positions, kv_mask, rope, cache)
 
 
 class Transformer(nnx.Module):
@@ -316,7 +338,7 @@ class Transformer(nnx.Module):
         run = _run_layer_remat if cfg.remat else _run_layer
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = run(layer, rows, self.row_mesh, x, positions, kv_mask, rope,
+            x, layer_cache = run(layer, rows, pinned, x, positions, kv_mask, rope,
                                  None if cache is None else cache[i],
                                  write_index, None if prefix is None else prefix[i])
             new_cache.append(layer_cache)
