@@ -124,13 +124,16 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, poo
 
 def warm_start(cfg: ModelConfig, tokens: np.ndarray, loss_mask: np.ndarray, train_cfg, seed: int,
                log_every: int = 50, on_eval=None) -> tuple[Transformer, list[tuple[int, float]]]:
-    """Trains a fresh model for `train_cfg.steps` steps on `tokens[N, T]`, one pass in corpus order.
+    """Trains a fresh model (or, with `train_cfg.init_from`, the one saved in that folder) for
+    `train_cfg.steps` steps on `tokens[N, T]`, one pass in corpus order.
 
     Each batch is cut to its longest chat, rounded up to a multiple of 16 (a handful of compiled
     shapes). Every `train_cfg.eval_every` steps (0: never) `on_eval(step, model, losses)` is called,
     to watch the run. Returns the model and `(step, mean loss since the last entry)` every `log_every` steps.
     """
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+    if train_cfg.get("init_from", ""):  # a second stage, on a new corpus, from an earlier warm start
+        params = nnx.split(load_pretrained(train_cfg.init_from)[0], nnx.Param)[1]
     # A constant rate after warm-up, no decay: the model at step k of a longer run is then the model a
     # k-step run makes, so a long run's watched curve shows where to stop. With `normalizer_rows` (the
     # loss normalizer from the corpus's first rows, not all of them) and k a multiple of 16 (whole
@@ -248,7 +251,7 @@ def corpus_and_proposal_stats(config, task, excluded: set[str]):
         chats = tiny_coding_corpus.chat_examples(
             n, config.seed, proposer_fraction=config.corpus.proposer_fraction, proposer_prompt=task.proposer_prompt,
             solver_prompt=solver_prompt, exclude=excluded, test_length=config.corpus.test_length,
-            test_value=config.corpus.test_value)
+            test_value=config.corpus.test_value, worked=config.corpus.worked, nonempty=config.corpus.nonempty)
         return chats, tiny_coding_corpus.proposal_stats
     if config.task_name == "algebra":
         chats = tiny_algebra_corpus.chat_examples(

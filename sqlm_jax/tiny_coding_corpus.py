@@ -3,8 +3,16 @@
 Two roles, as SQLM needs:
 
 * proposer: the topic prompt -> a problem, "Test Cases:" and five ``INPUT ||| OUTPUT`` lines, the
-  format of the reference's coding prompt; every test is the generator's truth;
+  format of the reference's coding prompt; every test is the generator's truth, and (``worked``)
+  worked out first on a scratchpad line of its own (`ListProblem.worked`);
 * solver: the problem and the solver instruction -> a ```python program, the generator's reference.
+
+Why the scratchpad sits between the test lines (issue 33): `tasks.coding.parse_proposal` gives the
+solver the text before "Test Cases:" and reads as tests only the lines after it that hold "|||". A
+worked line before the marker would hand the solver the answers; on a test line it would become part
+of the expected output. A line of its own after the marker, without "|||", is read by nobody: the
+method's parser, prompts and rewards stay as they are, and the proposer computes each output one small
+step at a time before writing it (without it, 78% of the tiny model's test outputs were wrong).
 
 Held-out problems can be excluded. Pure functions of a seed. A model trained on it will still write
 wrong tests at times: `proposal_stats` counts them against the generator's truth.
@@ -22,8 +30,14 @@ PROPOSER_PROMPT = "Write a list problem with 5 tests."
 SOLVER_INSTRUCTION = "Write Python code."
 
 
-def proposal_text(problem: list_problems.ListProblem, tests) -> str:
-    lines = [f"{given} ||| {expected.strip()}" for given, expected in tests]
+def proposal_text(problem: list_problems.ListProblem, tests, worked: bool = False) -> str:
+    """The statement, "Test Cases:" and the ``tests`` (stdin, stdout); with ``worked``, each test line
+    after its scratchpad line."""
+    lines = []
+    for given, expected in tests:
+        if worked:
+            lines.append(problem.worked([int(x) for x in given.split()]))
+        lines.append(f"{given} ||| {expected.strip()}")
     return "\n".join([problem.text, TESTS_MARKER, *lines])
 
 
@@ -34,10 +48,11 @@ def solver_response(problem: list_problems.ListProblem) -> str:
 def chat_examples(n: int, seed: int, *, proposer_fraction: float = 0.2, proposer_prompt: str = PROPOSER_PROMPT,
                   solver_prompt: Callable[[str], str] = lambda q: f"{q}\n\n{SOLVER_INSTRUCTION}",
                   exclude: Iterable[str] = (), test_length: tuple[int, int] = (1, 8),
-                  test_value: int = 20) -> list[tuple[str, str]]:
+                  test_value: int = 20, worked: bool = False, nonempty: bool = False) -> list[tuple[str, str]]:
     """``n`` (user, assistant) chats, a ``proposer_fraction`` of them proposer turns, whose tests have
-    ``test_length`` integers in [-test_value, test_value]; problems whose statement is in ``exclude``
-    never appear."""
+    ``test_length`` integers in [-test_value, test_value] (``nonempty``: inputs a filter leaves something
+    of, `list_problems.random_inputs`), each worked out first with ``worked``; problems whose
+    statement is in ``exclude`` never appear."""
     excluded = set(exclude)
     rng = random.Random(seed)
     chats = []
@@ -46,8 +61,10 @@ def chat_examples(n: int, seed: int, *, proposer_fraction: float = 0.2, proposer
         if problem.text in excluded:
             continue
         if rng.random() < proposer_fraction:
-            chats.append((proposer_prompt, proposal_text(problem, list_problems.tests_for(
-                problem, rng, length=tuple(test_length), value=test_value))))
+            inputs = list_problems.random_inputs(problem, rng, length=tuple(test_length), value=test_value,
+                                                 nonempty=nonempty)
+            tests = [(" ".join(map(str, x)), problem.output(x)) for x in inputs]
+            chats.append((proposer_prompt, proposal_text(problem, tests, worked)))
         else:
             chats.append((solver_prompt(problem.text), solver_response(problem)))
     return chats

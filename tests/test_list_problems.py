@@ -61,7 +61,7 @@ def test_the_coding_corpus_is_correct_and_leaves_heldout_problems_out():
     from sqlm_jax import tiny_coding_corpus as corpus
     from sqlm_jax.tasks.coding import extract_program, parse_proposal
     heldout = {p.text for p, _ in lp.problems(3000, seed=1234)}
-    chats = corpus.chat_examples(3000, seed=0, exclude=heldout)
+    chats = corpus.chat_examples(3000, seed=0, exclude=heldout, worked=True)
     proposals = [a for u, a in chats if u == corpus.PROPOSER_PROMPT]
     assert 450 < len(proposals) < 750
     for user, reply in chats:
@@ -88,3 +88,35 @@ def test_proposal_stats_count_the_proposers_wrong_tests():
     assert stats["wrong_test_fraction"] == 0.25 and stats["proposals_with_a_wrong_test"] == 0.5
     assert stats["heldout_overlap"] == 0.5
     assert stats["wrong_test_fraction_by_input_length"] == {1: 0.0, 3: 0.5}
+
+
+def test_worked_lines_by_hand():
+    odd, double, total = lp.FILTERS[1], lp.MAPS[0], lp.FINALS[0]
+    assert lp.ListProblem((odd, double, total)).worked([3, -2, 5]) == "3 -2 5 > 3 5 > 6 10 > 6 16"
+    spread = lp.FINALS[6]  # the largest minus the smallest
+    assert lp.ListProblem((lp.REORDERS[3], spread)).worked([4, -3, 1]) == "4 -3 1 > 4 1 2 > 4 - 1 = 3"
+    assert lp.ListProblem((lp.FILTERS[3], spread)).worked([4, 1]) == "4 1 > none > 0"
+    assert lp.ListProblem((lp.FILTERS[3], total)).worked([4, 1]) == "4 1 > none > 0"
+    assert lp.ListProblem((lp.FILTERS[0], lp.FINALS[-1])).worked([4, -6]) == "4 -6 > 4 -6 > 4 -6"
+
+
+def test_a_worked_line_ends_in_the_output_and_holds_no_separator():
+    for problem, tests in lp.problems(2000, seed=7):
+        for given, expected in tests:
+            line = problem.worked([int(x) for x in given.split()])
+            assert "|||" not in line and line.startswith(given + " > ")
+            last = line.rsplit(" > ", 1)[1].rsplit(" = ", 1)[-1]
+            # the sum's running sums end in the sum; an empty list printed is an empty line
+            if problem.stages[-1] is lp.FINALS[0]:
+                last = last.split()[-1]
+            assert (last if last != "none" else "") == expected.strip(), (problem.text, given, line)
+
+
+def test_nonempty_inputs_let_something_reach_the_final_stage():
+    rng = random.Random(0)
+    picky = lp.ListProblem((lp._filters(7)[4], lp.FINALS[0]))  # the sum of the numbers greater than 7
+    plain = lp.random_inputs(picky, random.Random(1), n=200, length=(1, 4), value=9)
+    chosen = lp.random_inputs(picky, rng, n=200, length=(1, 4), value=9, nonempty=True)
+    assert sum(not lp.kept(picky, x) for x in plain) > 100
+    assert sum(not lp.kept(picky, x) for x in chosen) < 10
+    assert all(1 <= len(x) <= 4 and all(-9 <= v <= 9 for v in x) for x in chosen)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from sqlm_jax import tiny_coding_corpus as corpus
@@ -21,13 +22,59 @@ ASSET = Path(corpus.__file__).parent / "assets" / "tiny_coding"
 
 def test_the_proposers_tests_have_the_configured_sizes_and_the_truth():
     options = tiny_coding_pretrain.get_config().corpus
-    chats = corpus.chat_examples(2000, seed=0, test_length=options.test_length, test_value=options.test_value)
+    chats = corpus.chat_examples(2000, seed=0, test_length=options.test_length, test_value=options.test_value,
+                                 worked=options.worked, nonempty=options.nonempty)
     tests = [parse_proposal(a) for u, a in chats if u == corpus.PROPOSER_PROMPT]
     assert len(tests) > 300
     inputs = [[int(x) for x in given.split()] for _, cases in tests for given, _ in cases]
     assert {len(x) for x in inputs} == {1, 2, 3, 4, 5}
     assert max(map(max, inputs)) == 9 and min(map(min, inputs)) == -9
     assert all(not any(list_problems.wrong_tests(list_problems.parse_problem(p), cases)) for p, cases in tests)
+
+
+def test_worked_proposals_hold_the_truth_each_after_its_work():
+    """Issue 33's corpus (`corpus.worked`, `corpus.nonempty`, inputs of 1-4 integers)."""
+    chats = corpus.chat_examples(2000, seed=0, proposer_fraction=0.25, test_length=(1, 4), test_value=9,
+                                 worked=True, nonempty=True)
+    replies = [a for u, a in chats if u == corpus.PROPOSER_PROMPT]
+    tests = [parse_proposal(a) for a in replies]
+    assert len(tests) > 400
+    problems = [list_problems.parse_problem(p) for p, _ in tests]
+    assert all(not any(list_problems.wrong_tests(p, cases)) for p, (_, cases) in zip(problems, tests))
+    # Each test line follows its own worked line, which the parser skips.
+    for reply, problem, (_, cases) in zip(replies, problems, tests):
+        lines = reply.split(corpus.TESTS_MARKER)[1].splitlines()[1:]
+        assert lines == [line for given, expected in cases
+                         for line in (problem.worked([int(x) for x in given.split()]), f"{given} ||| {expected}")]
+    # Inputs leave the filter something in nearly every test.
+    inputs = [(p, [int(v) for v in g.split()]) for p, (_, cases) in zip(problems, tests) for g, _ in cases]
+    assert {len(x) for _, x in inputs} == {1, 2, 3, 4}
+    assert sum(not list_problems.kept(p, x) for p, x in inputs) < 0.1 * len(inputs)
+
+
+def test_a_worked_proposal_parses_to_exactly_its_tests_and_no_work_reaches_the_solver():
+    problem = list_problems.ListProblem((list_problems.FILTERS[1], list_problems.MAPS[0], list_problems.FINALS[0]))
+    text = corpus.proposal_text(problem, (("3 -2 5", "16\n"), ("4", "0\n")), worked=True)
+    assert text == (problem.text + "\nTest Cases:\n3 -2 5 > 3 5 > 6 10 > 6 16\n3 -2 5 ||| 16\n"
+                    "4 > none > none > 0\n4 ||| 0")
+    assert parse_proposal(text) == (problem.text, (("3 -2 5", "16"), ("4", "0")))
+    assert get_task("coding", generator="lists").parse_question(text).text == problem.text
+
+
+def test_a_second_warm_start_stage_begins_from_the_saved_weights():
+    """`train.init_from`: zero steps give back the shipped model's weights exactly, not a fresh model's."""
+    import ml_collections
+    from flax import nnx
+
+    from sqlm_jax.pretrain import model_config, warm_start
+    config = tiny_coding_pretrain.get_config()
+    cfg = model_config(config.model, load_tokenizer(ASSET).hf)
+    shipped = nnx.state(load_pretrained(ASSET)[0], nnx.Param)
+    for init_from, same in ((str(ASSET), True), ("", False)):
+        train = ml_collections.ConfigDict({**config.train.to_dict(), "steps": 0, "init_from": init_from})
+        model, _ = warm_start(cfg, np.zeros((32, 16), np.int32), np.ones((32, 16), bool), train, seed=0)
+        leaves = zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(shipped))
+        assert all(np.array_equal(a, b) for a, b in leaves) == same
 
 
 @needs_bwrap

@@ -10,6 +10,11 @@ sharing the cores with pilot self-play runs).
 Held-out greedy score (100 watched problems) climbs late: 5% at step 640, 21% at 1,600, 33% at 2,240,
 where it stops: `train.snapshot_dir` keeps every 320th step's model, and `train.from_snapshot` ships
 one without training again (docs/results.md).
+
+Issue 33 tried a second stage on this model (`train.init_from`): proposals whose tests are each worked
+out on a scratchpad line first (`corpus.worked`), on inputs of 1-4 integers that something passes the
+filter of (`corpus.nonempty`). 640 steps made the programs better but not the tests (docs/results.md,
+"A proposer that works its tests out"); the shipped model is still the one below.
 """
 import runpy
 from pathlib import Path
@@ -39,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     # of size <= 20): a character model pays for every digit, and small inputs keep the outputs it
     # must compute within its reach.
     c.corpus = ml_collections.ConfigDict(dict(proposer_fraction=0.2, exclude_heldout=5000,
-                                              test_length=(1, 5), test_value=9))
+                                              test_length=(1, 5), test_value=9, worked=False, nonempty=False))
+    c.train.init_from = ""  # a folder of an earlier warm start to go on from; "" starts from scratch
     c.train.steps = 2240
     c.train.batch_size = 32
     c.train.seq_len = 448

@@ -11,6 +11,10 @@ double each number, then print their sum." The problem text, a reference program
 written from the same stages, so the truth is exact; test cases are the reference function on seeded
 random inputs. Filters and maps take a constant from a range, so the family holds ~6 x 10^4 problem texts and
 a proposer rarely writes a held-out one by chance.
+
+`worked` writes how a test's output comes about, one stage at a time (issue 33): the scratchpad the
+tiny coding proposer writes before each test line, so that it computes one small step at a time
+instead of a whole pipeline in its head.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ class Stage:
     text: str  # "keep the even numbers"
     code: str  # "a = [x for x in a if x % 2 == 0]"
     apply: Callable[[Numbers], Numbers | int]
+    # How the scratchpad shows this stage's step on its input list (None: its result, as `show`).
+    work: Callable[[Numbers], str] | None = None
 
 
 def _filters(k: int) -> list[Stage]:
@@ -64,15 +70,33 @@ REORDERS = [
           lambda a: list(itertools.accumulate(a))),
 ]
 
+def show(value: Numbers | int) -> str:
+    """A scratchpad's value: a list's numbers, "none" for an empty list (visible, unlike an empty
+    string), or the integer."""
+    if isinstance(value, list):
+        return " ".join(map(str, value)) if value else "none"
+    return str(value)
+
+
+def _running_sums(a: Numbers) -> str:
+    # A sum of up to five two-digit numbers in one go is where a character model slips; one addition
+    # per number is within its reach, and the last running sum is the answer.
+    return show(list(itertools.accumulate(a)) or [0])
+
+
+def _range(a: Numbers) -> str:
+    return f"{max(a)} - {min(a)} = {max(a) - min(a)}" if a else "0"
+
+
 FINALS = [
-    Stage("print their sum", "print(sum(a))", sum),
+    Stage("print their sum", "print(sum(a))", sum, _running_sums),
     Stage("print how many there are", "print(len(a))", len),
     Stage("print the largest (0 if there are none)", "print(max(a, default=0))", lambda a: max(a, default=0)),
     Stage("print the smallest (0 if there are none)", "print(min(a, default=0))", lambda a: min(a, default=0)),
     Stage("print the first (0 if there are none)", "print(a[0] if a else 0)", lambda a: a[0] if a else 0),
     Stage("print the last (0 if there are none)", "print(a[-1] if a else 0)", lambda a: a[-1] if a else 0),
     Stage("print the largest minus the smallest (0 if there are none)", "print(max(a) - min(a) if a else 0)",
-          lambda a: max(a) - min(a) if a else 0),
+          lambda a: max(a) - min(a) if a else 0, _range),
     Stage("print them separated by spaces", "print(*a)", lambda a: a),
 ]
 
@@ -101,6 +125,16 @@ class ListProblem:
             value = stage.apply(value)
         return (" ".join(map(str, value)) if isinstance(value, list) else str(value)) + "\n"
 
+    def worked(self, numbers: Numbers) -> str:
+        """The scratchpad line of one test: the input, then each stage's step, joined by " > ";
+        e.g. "3 -2 5 > 3 5 > 6 10 > 6 16" for "keep the odd numbers, double each number, then print
+        their sum". It never holds "|||", so a proposal's parser reads past it."""
+        steps, value = [show(numbers)], numbers
+        for stage in self.stages:
+            steps.append(stage.work(value) if stage.work else show(stage.apply(value)))
+            value = stage.apply(value)
+        return " > ".join(steps)
+
 
 def stage_choices(k_range: tuple[int, int] = (-9, 9)) -> tuple[list[Stage], list[Stage]]:
     """Every filter and every map (each constant of ``k_range`` a stage of its own; maps without -1, 0
@@ -127,12 +161,34 @@ def random_input(rng: random.Random, length: tuple[int, int] = (1, 8), value: in
     return [rng.randint(-value, value) for _ in range(rng.randint(*length))]
 
 
+def kept(problem: ListProblem, numbers: Numbers) -> Numbers:
+    """The list the final stage is given."""
+    for stage in problem.stages[:-1]:
+        numbers = stage.apply(numbers)
+    return numbers
+
+
+def random_inputs(problem: ListProblem, rng: random.Random, n: int = 5, length: tuple[int, int] = (1, 8),
+                  value: int = 20, nonempty: bool = False) -> list[Numbers]:
+    """``n`` inputs of ``length`` integers in [-value, value]; with ``nonempty``, each redrawn (up to 20
+    times) until something reaches the final stage: a filter that keeps nothing gives the output
+    of an empty list whatever the program does in between, a test that tells few programs apart."""
+    inputs = []
+    for _ in range(n):
+        x = random_input(rng, length, value)
+        for _ in range(20 if nonempty else 0):
+            if kept(problem, x):
+                break
+            x = random_input(rng, length, value)
+        inputs.append(x)
+    return inputs
+
+
 def tests_for(problem: ListProblem, rng: random.Random, n: int = 5, length: tuple[int, int] = (1, 8),
               value: int = 20) -> tuple[tuple[str, str], ...]:
     """``n`` (stdin, expected stdout) pairs on seeded random inputs of ``length`` integers in
     [-value, value], as the sandbox scores them."""
-    inputs = [random_input(rng, length, value) for _ in range(n)]
-    return tuple((" ".join(map(str, x)), problem.output(x)) for x in inputs)
+    return tuple((" ".join(map(str, x)), problem.output(x)) for x in random_inputs(problem, rng, n, length, value))
 
 
 def problems(n: int, seed: int, num_tests: int = 5) -> list[tuple[ListProblem, tuple[tuple[str, str], ...]]]:
