@@ -154,7 +154,8 @@ def test_the_tpu_update_writes_no_scores_and_its_kernels_are_costed():
     # 16 rows, two a chip; the prompt pass runs once per group of rows that share a prompt.
     rows, group = 16 // len(devices), run.learner.prompt_group(c.rollout.n)
     assert group == 2
-    passes = [(rows // group, fa.padded(prompt), fa.padded(prompt)), (rows, fa.padded(response), fa.padded(prompt + response))]
+    passes = [(rows // group, fa.padded(prompt), fa.padded(prompt)),
+              (rows, fa.padded(response), fa.padded(prompt + response))]
     expected = [fa.kernel_cost(kind, n, 4, t, s, 48, 2) for n, t, s in passes for kind in ("fwd", "fwd", "dq", "dkv")]
     cost = step_time.splash_cost(hlo)  # two layers
     assert (cost.flops, cost.bytes) == (2 * sum(f for f, _ in expected), 2 * sum(b for _, b in expected))

@@ -32,6 +32,17 @@ MAX_BLOCK = 512  # positions per block of queries and of keys (maxtext's default
 LANES = 128  # a block is a multiple of the TPU's 128 lanes
 
 
+def platform(mesh: Mesh | None) -> str:
+    """The platform a model's passes run on: its mesh's devices' (a TPU slice compiled from this CPU
+    host included), else the default backend's."""
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
+def chosen(attention: str, mesh: Mesh | None) -> bool:
+    """Whether `ModelConfig.attention` = `attention` runs the splash kernel on `mesh`'s platform."""
+    return attention == "splash" or (attention == "auto" and platform(mesh) == "tpu")
+
+
 def block_size(length: int) -> int:
     """The kernel's block for a sequence of `length`: up to MAX_BLOCK, a multiple of LANES."""
     return min(MAX_BLOCK, -(-length // LANES) * LANES)

@@ -157,9 +157,9 @@ class Attention(nnx.Module):
             v = cache.v.at[rows, :, write_index].set(v[:, :, 0].astype(cache.v.dtype))
             cache = LayerCache(k, v)
             query_slot = write_index[:, None]  # [N, 1]
-        if t > 1 and prefix is None and isinstance(write_index, int) and use_splash(self.kernel, mesh):
+        if t > 1 and prefix is None and isinstance(write_index, int) and fused_attention.chosen(self.kernel, mesh):
             out = fused_attention.splash_attend(q, k.astype(dt), v.astype(dt), kv_mask, write_index, mesh,
-                                                interpret=platform(mesh) != "tpu")
+                                                interpret=fused_attention.platform(mesh) != "tpu")
         else:
             prefix_len = 0 if prefix is None else prefix.v.shape[2]
             key_slot = jnp.arange(prefix_len + v.shape[2])
@@ -174,17 +174,6 @@ class Attention(nnx.Module):
         return projected, cache
 
 
-def platform(mesh) -> str:
-    """The platform a model's passes run on: its mesh's devices' (a TPU slice compiled from this CPU
-    host included), else the default backend's."""
-    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-
-
-def use_splash(kernel: str, mesh) -> bool:
-    """Whether `ModelConfig.attention` = `kernel` runs the splash kernel on `mesh`'s platform."""
-    return kernel == "splash" or (kernel == "auto" and platform(mesh) == "tpu")
-
-
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.param_dtype)
@@ -194,8 +183,8 @@ class MLP(nnx.Module):
         self.seq_block = cfg.seq_block
 
     def __call__(self, x, mesh=None):
-        """x `[N, T, D]` -> `[N, T, D]` (`mesh`: see `_weight`), each row's positions `seq_block` at a time when T is longer:
-        each block's `[N, seq_block, 2F]` projections are recomputed in the backward pass, so one
+        """x `[N, T, D]` -> `[N, T, D]` (`mesh`: see `_weight`), each row's positions `seq_block` at a time
+        when T is longer: each block's `[N, seq_block, 2F]` projections are recomputed in the backward pass, so one
         block's are alive, not the whole row's (at 3,584 positions, ~150 MiB a copy per row, ~17 copies
         in the compiled update: issue 30). Positions are independent here, so the results are the same."""
         b, t, d = x.shape
@@ -275,11 +264,13 @@ class DecoderLayer(nnx.Module):
 
 
 def _in_turn(state, x, mesh):
-    """A layer's state and input; with `mesh` (a pass that gathers each weight whole, `_weight`) tied by
-    an optimization barrier, so XLA gathers a layer's weights once the layer before it is done. Free to
-    schedule them, XLA's TPU program gathered every layer's weights at once (algebra's log-prob pass
-    on a v5e-8: 6.3 -> 10.5 GiB a chip)."""
-    return (state, x) if mesh is None else jax.lax.optimization_barrier((state, x))
+    """A layer's state and input; where `mesh` splits weights over fsdp (a pass that gathers each weight
+    whole, `_weight`) tied by an optimization barrier, so XLA gathers a layer's weights once the layer
+    before it is done. Free to schedule them, XLA's TPU program gathered every layer's weights at once
+    (algebra's log-prob pass on a v5e-8: 6.3 -> 10.5 GiB a chip)."""
+    if mesh is None or mesh.shape["fsdp"] == 1:
+        return state, x
+    return jax.lax.optimization_barrier((state, x))
 
 
 def _run_layer(layer, rows, mesh, x, positions, kv_mask, rope, cache, write_index, prefix):

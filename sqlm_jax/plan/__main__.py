@@ -107,7 +107,7 @@ def main(argv: list[str]) -> None:
         try:
             table, record = compiled_report(config, judge, family, estimate,
                                             [p.strip() for p in f.programs.split(",")] if f.programs else None)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:  # RuntimeError: a compiling process died
             sys.exit(f"error: {e}")
         print(table)
         fits = record["fits"]
