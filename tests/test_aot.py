@@ -28,6 +28,7 @@ MODEL = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=1000, hidden_siz
                     param_dtype="float32", compute_dtype="bfloat16", remat=True, eos_token_id=2)
 REDUCTION = re.compile(r"= (\(?[^=]*?) (?:all-reduce|reduce-scatter)\(")
 GATHER = re.compile(r"= (\(?[^=]*?) all-gather(?:-start)?\(")
+PERMUTE = re.compile(r"= (\(?[^=]*?) collective-permute(?:-start)?\(")
 SHAPE = re.compile(r"(bf16|f16|f32)\[([\d,]*)\]")
 
 
@@ -108,6 +109,31 @@ def test_a_decode_step_reads_each_chips_share_of_the_weights():
     run = _run("algebra", "v5e-8", 64)
     hlo = step_time.lower_decode_step(run, "solver").compile().as_text()
     assert weight_gathers(hlo, run.learner.state.params) == []
+
+
+def test_an_update_gathers_each_layers_weights_rather_than_passing_shards_around():
+    """A pass over many positions multiplies each layer's weights gathered whole: no fsdp shard of a
+    layer's weight goes around the ring (collective-permute). Left split on the width they contract,
+    XLA's TPU program multiplied the shards one at a time into float32 partial sums of the whole
+    activation (a windowed einsum; ~2/3 of the paper's update's memory traffic, tpu/README.md). XLA
+    does that only for operands this large: the model is wider than the other tests' and one layer deep."""
+    import dataclasses
+    from sqlm_jax import step_time
+    model = dataclasses.replace(MODEL, hidden_size=1024, intermediate_size=4096, num_layers=1, num_heads=8,
+                                head_dim=128)
+    c = runpy.run_path(str(ROOT / "configs" / "algebra.py"))["get_config"]()
+    c.rollout.batch_size, c.rollout.max_prompt_len = 16, 256
+    c.rollout.proposer_max_new_tokens = c.rollout.solver_max_new_tokens = 768
+    c.rl.mini_batch_size, c.rl.micro_batch_size, c.rollout.rows_in_flight = 8, 16, 0
+    _, devices = _devices("v5e-8")
+    c.mesh = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(dict(c.mesh), len(devices))))
+    run = aot.AbstractRun.build(c, model, devices)
+    hlo = step_time.lower_optimizer_step(run, "solver").compile().as_text()
+    layer = run.learner.state.params["layers"][0]
+    shards = {tuple(sorted(d for d in x.sharding.shard_shape(x.shape) if d > 1)) for x in jax.tree.leaves(layer)
+              if x.ndim > 1}
+    permuted = {tuple(sorted(d for d in dims if d > 1)) for dims in _tensors(PERMUTE, hlo)}
+    assert shards and not shards & permuted
 
 
 def test_topology_names():
