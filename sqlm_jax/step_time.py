@@ -175,7 +175,8 @@ class StepTime:
         if key not in self._costs:
             low, high = (self._costed(PIECES[piece](self._runs[depth], role, model)) for depth in DEPTHS)
             self._costs[key] = cost = low.at_depth(high, self.model_config.num_layers)
-            self.log(f"costed {role} {model} {piece}: {cost.flops / 1e12:.2f} TFLOP, {cost.bytes / 1e9:.2f} GB per chip")
+            self.log(f"costed {role} {model} {piece}: {cost.flops / 1e12:.2f} TFLOP, "
+                     f"{cost.bytes / 1e9:.2f} GB per chip")
         return self._costs[key]
 
     # ------------------------------------------------------------------------------- a whole step

@@ -23,8 +23,9 @@ class UnsupportedModelError(ValueError):
 class ModelConfig:
     """Shape and numerics of one decoder-only transformer.
 
-    The architecture fields mirror config.json; `param_dtype`, `compute_dtype`, `remat`, `seq_block` and `attention` are runtime
-    choices (float32 on CPU; bfloat16 compute on TPU/GPU) and are not written to config.json.
+    The architecture fields mirror config.json; `param_dtype`, `compute_dtype`, `remat`, `seq_block` and
+    `attention` are runtime choices (float32 on CPU; bfloat16 compute on TPU/GPU) and are not written to
+    config.json.
     """
 
     architecture: str
