@@ -39,15 +39,16 @@ def _devices(accelerator):
         pytest.skip(str(e))
 
 
-def _run(name: str, accelerator: str, rows_in_flight: int) -> aot.AbstractRun:
+def _run(name: str, accelerator: str, rows_in_flight: int, model: ModelConfig = MODEL, prompt: int = 64,
+         response: int = 128) -> aot.AbstractRun:
     """configs/NAME.py as shipped, with the model and the sizes shrunk."""
     c = runpy.run_path(str(ROOT / "configs" / f"{name}.py"))["get_config"]()
-    c.rollout.batch_size, c.rollout.max_prompt_len = 16, 64
-    c.rollout.proposer_max_new_tokens = c.rollout.solver_max_new_tokens = 128
+    c.rollout.batch_size, c.rollout.max_prompt_len = 16, prompt
+    c.rollout.proposer_max_new_tokens = c.rollout.solver_max_new_tokens = response
     c.rl.mini_batch_size, c.rl.micro_batch_size, c.rollout.rows_in_flight = 8, 16, rows_in_flight
     family, devices = _devices(accelerator)
     c.mesh = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(dict(c.mesh), len(devices))))
-    return aot.AbstractRun.build(c, MODEL, devices)
+    return aot.AbstractRun.build(c, model, devices)
 
 
 def _weight_like(weights):
@@ -121,13 +122,7 @@ def test_an_update_gathers_each_layers_weights_rather_than_passing_shards_around
     from sqlm_jax import step_time
     model = dataclasses.replace(MODEL, hidden_size=1024, intermediate_size=4096, num_layers=1, num_heads=8,
                                 head_dim=128)
-    c = runpy.run_path(str(ROOT / "configs" / "algebra.py"))["get_config"]()
-    c.rollout.batch_size, c.rollout.max_prompt_len = 16, 256
-    c.rollout.proposer_max_new_tokens = c.rollout.solver_max_new_tokens = 768
-    c.rl.mini_batch_size, c.rl.micro_batch_size, c.rollout.rows_in_flight = 8, 16, 0
-    _, devices = _devices("v5e-8")
-    c.mesh = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(dict(c.mesh), len(devices))))
-    run = aot.AbstractRun.build(c, model, devices)
+    run = _run("algebra", "v5e-8", 0, model, prompt=256, response=768)
     hlo = step_time.lower_optimizer_step(run, "solver").compile().as_text()
     layer = run.learner.state.params["layers"][0]
     shards = {tuple(sorted(d for d in x.sharding.shard_shape(x.shape) if d > 1)) for x in jax.tree.leaves(layer)

@@ -9,8 +9,6 @@ compiled for a TPU it runs in the deviceless compile below and in tests/test_aot
 import dataclasses
 import math
 import re
-import runpy
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +21,8 @@ from sqlm_jax.models import ModelConfig, Transformer
 from sqlm_jax.models import fused_attention as fa
 from sqlm_jax.models.attention import attend
 from sqlm_jax.models.transformer import response_hidden
+from test_aot import MODEL, _run
 
-ROOT = Path(__file__).resolve().parents[1]
 N, K, G, H = 2, 2, 3, 16
 
 
@@ -126,23 +124,10 @@ def test_the_tpu_update_writes_no_scores_and_its_kernels_are_costed():
     the program holds float32 scores `[.., T, S]`, with splash none, and step_time finds every kernel
     call: per layer, the shared prompt pass and the responses' pass each run forward twice (remat
     recomputes it), then dq and dkv."""
-    from sqlm_jax import aot
-    try:
-        _, devices = aot.slice_devices("v5e-8")
-    except aot.AotUnavailable as e:
-        pytest.skip(str(e))
     prompt, response = 64, 96  # lengths no dim of the model has
-    c = runpy.run_path(str(ROOT / "configs" / "algebra.py"))["get_config"]()
-    c.rollout.batch_size, c.rollout.max_prompt_len = 16, prompt
-    c.rollout.proposer_max_new_tokens = c.rollout.solver_max_new_tokens = response
-    c.rl.mini_batch_size, c.rl.micro_batch_size, c.rollout.rows_in_flight = 8, 16, 0
-    c.mesh = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(dict(c.mesh), len(devices))))
-    model = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=1000, hidden_size=192, intermediate_size=640,
-                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=48, qkv_bias=True,
-                        param_dtype="float32", compute_dtype="bfloat16", remat=True, eos_token_id=2)
     compiled = {}
     for attention in ("xla", "auto"):
-        run = aot.AbstractRun.build(c, dataclasses.replace(model, attention=attention), devices)
+        run = _run("algebra", "v5e-8", 0, dataclasses.replace(MODEL, attention=attention), prompt, response)
         compiled[attention] = step_time.lower_optimizer_step(run, "solver").compile().as_text()
     queries = [t * g for t in (prompt, response) for g in (1, 2)]  # the model's attention has G·T rows
     assert scores_in(compiled["xla"], queries, [prompt, prompt + response])
@@ -152,7 +137,7 @@ def test_the_tpu_update_writes_no_scores_and_its_kernels_are_costed():
     calls = step_time.SPLASH_CALL.findall(hlo)
     assert sorted(kind for kind, _ in calls) == sorted(["fwd"] * 8 + ["dq"] * 4 + ["dkv"] * 4)
     # 16 rows, two a chip; the prompt pass runs once per group of rows that share a prompt.
-    rows, group = 16 // len(devices), run.learner.prompt_group(c.rollout.n)
+    rows, group = 16 // run.mesh.devices.size, run.learner.prompt_group(run.config.rollout.n)
     assert group == 2
     passes = [(rows // group, fa.padded(prompt), fa.padded(prompt)),
               (rows, fa.padded(response), fa.padded(prompt + response))]
