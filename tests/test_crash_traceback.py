@@ -21,8 +21,8 @@ INJECT = """
 import runpy
 from flax import nnx
 import sqlm_jax.models.transformer as transformer
-transformer._run_layer_remat = lambda layer, rows, *args: nnx.remat(
-    lambda layer, *args: transformer._run_layer(layer, rows, *args))(layer, *args)
+transformer._run_layer_remat = lambda layer, rows, mesh, *args: nnx.remat(
+    lambda layer, *args: transformer._run_layer(layer, rows, mesh, *args))(layer, *args)
 runpy.run_module("sqlm_jax.main", run_name="__main__")
 """
 TINY = ["--config=configs/tiny.py", "--config.model.remat=True", "--config.train.steps=1",
