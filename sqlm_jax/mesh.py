@@ -10,6 +10,7 @@ import math
 from typing import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -88,6 +89,18 @@ def param_shardings(state: nnx.State, mesh: Mesh | None, rules=DEFAULT_RULES) ->
     def one(v):
         axes = v.get_metadata().get("axes") or (None,) * len(v.shape)
         return v.replace(NamedSharding(mesh, logical_spec(axes, v.shape, mesh, rules)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def sampling_weights(state: nnx.State, dtype) -> nnx.State:
+    """Inside jit: the floating weights in the compute `dtype`, once per sampler call: cast inside the
+    decode step, each step read every float32 weight, wrote its bfloat16 copy and read that
+    (sqlm_jax.step_time, algebra on a v5e-8). Their layout stays the training one: split for sampling
+    on the MLP's width instead (Megatron's column / row split), XLA's TPU program moved more bytes."""
+    def one(v):
+        x = v[...]
+        return v.replace(x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

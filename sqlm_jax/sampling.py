@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 
 from sqlm_jax import mesh as mesh_lib
 from sqlm_jax import refill
+from sqlm_jax.models import fused_attention
 from sqlm_jax.models.attention import LayerCache
 from sqlm_jax.models.transformer import Transformer
 from sqlm_jax.prompt_pass import constrain_cache, prompt_pass
@@ -249,10 +250,14 @@ def _decode_segment(model: Transformer, state: DecodeState, end: int, params: Sa
     """Generates tokens `state.step` … `end - 1` (fewer once every row has stopped).
 
     The rows' cache is first grown to end - 1 slots, all that step end - 1 can have filled, so the
-    segment's queries never read slots that no step of it can reach.
+    segment's queries never read slots that no step of it can reach; with the splash kernel, to its
+    next whole block (at most R): the kernel reads whole blocks, and padding the cache to them would
+    copy it every step.
     """
     prompt_len = state.kv_mask.shape[1] - params.max_new_tokens
     length = end - 1
+    if fused_attention.chosen(model.config.attention, mesh):
+        length = min(fused_attention.padded(length), params.max_new_tokens)
     kv_mask = state.kv_mask[:, :prompt_len + length]
     running = lambda state: (state.step < end) & ~jnp.all(state.done)
     state = _constrain_state(state._replace(cache=_grow_cache(state.cache, length)), mesh)
@@ -278,7 +283,8 @@ def _sample(graphdef: nnx.GraphDef, weights: nnx.State, prompt_tokens: jax.Array
     Every row at once (a static batch in segments), or under a budget of rows in flight with slot
     refill (sqlm_jax.refill); the same tokens either way.
     """
-    model: Transformer = nnx.merge(graphdef, weights)
+    dtype = nnx.merge(graphdef, weights).config.compute_dtype
+    model: Transformer = nnx.merge(graphdef, mesh_lib.sampling_weights(weights, dtype))
     if 0 < params.rows_in_flight < prompt_tokens.shape[0] * params.n:
         rows_draw = lambda logits, rows, steps: draw(logits, row_keys(key, rows), steps, params)
         tokens, logprobs = refill.decode(model, prompt_tokens, prompt_mask, params, mesh, rows_draw)

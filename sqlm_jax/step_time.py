@@ -136,6 +136,11 @@ def lower_decode_step(run: aot.AbstractRun, role: str, model: str = "policy"):
     rows = rows_in_flight(run, role)
     params = dataclasses.replace(run.sampling_params(role), n=min(run.sampling_params(role).n, rows))
     graphdef, weights = run.learner.policy
+    # The weights as the sampler holds them for its decode steps (mesh.sampling_weights).
+    dtype = jnp.dtype(run.model_config.compute_dtype)
+    as_sampled = lambda x: (jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x)
+    weights = jax.tree.map(as_sampled, weights)
     length = params.max_new_tokens // 2
     prompts = aot._rows(run.mesh, (rows // params.n, sampling.bucket_length(run.config.rollout.max_prompt_len)),
                         jnp.int32)

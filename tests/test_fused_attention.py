@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sqlm_jax import mesh as mesh_lib, step_time
+from sqlm_jax import mesh as mesh_lib, sampling, step_time
 from sqlm_jax.models import ModelConfig, Transformer
 from sqlm_jax.models import fused_attention as fa
 from sqlm_jax.models.attention import attend
@@ -111,12 +111,20 @@ def test_blocks_visited_and_the_kernels_cost_by_hand():
     assert fa.visited_blocks(1024, 1536) == 2 + 3
     assert (fa.block_size(300), fa.padded(300), fa.padded(3584)) == (384, 384, 3584)
     # One row, two heads, one 512 block, head dim 128, bfloat16: per pair of blocks 2·512·512·128 FLOPs
-    # a matmul; keys and values 2·512·128·2 bytes and their segment ids 512·128·4.
-    matmul, kv, stats = 2 * 512 * 512 * 128, 2 * 512 * 128 * 2 + 512 * 128 * 4, 512 * 128 * 4
-    assert fa.kernel_cost("fwd", 1, 2, 512, 512, 128, 2) == (2 * 2 * matmul, 2 * (kv + 2 * 512 * 128 * 2 + stats))
-    assert fa.kernel_cost("dq", 1, 2, 512, 512, 128, 2) == (2 * 3 * matmul, 2 * (kv + 3 * 512 * 128 * 2 + 2 * stats))
-    q_side = 2 * 512 * 128 * 2 + 2 * stats
-    assert fa.kernel_cost("dkv", 1, 2, 512, 512, 128, 2) == (2 * 4 * matmul, 2 * (q_side + kv + 2 * 512 * 128 * 2))
+    # a matmul. Bytes as the kernel's BlockSpecs lay them out: a 512 x 128 bfloat16 tile of q, keys,
+    # values, out or a gradient; segment ids and statistics (int32 / float32) over 128 lanes or 8 sublanes.
+    matmul, tile, lanes, sublanes = 2 * 512 * 512 * 128, 512 * 128 * 2, 512 * 128 * 4, 8 * 512 * 4
+    fwd = 2 * tile + sublanes + 2 * tile + 2 * lanes  # keys, values, kv ids; q, out, q ids, lse
+    assert fa.kernel_cost("fwd", 1, 2, 512, 512, 128, 2) == (2 * 2 * matmul, 2 * fwd)
+    dq = 2 * tile + sublanes + 3 * tile + lanes + 2 * 512 * 4  # keys, values, kv ids; q, do, dq, q ids, lse, di
+    assert fa.kernel_cost("dq", 1, 2, 512, 512, 128, 2) == (2 * 3 * matmul, 2 * dq)
+    dkv = 2 * tile + 3 * sublanes + 4 * tile + lanes  # q, do, q ids, lse, di; keys, values, dk, dv, kv ids
+    assert fa.kernel_cost("dkv", 1, 2, 512, 512, 128, 2) == (2 * 4 * matmul, 2 * dkv)
+    # A decode step: 8 grouped query heads as the queries of one block of sublanes, over 1,536 cache
+    # slots in three blocks; bytes: the cache read once, 3 x 512 x 128 x 2 x 2 per head.
+    assert (fa.query_block(8), fa.query_block(7), fa.visited_blocks(8, 1536)) == (8, 8, 3)
+    step = fa.kernel_cost("fwd", 1, 1, 8, 1536, 128, 2)
+    assert step == (3 * 2 * 2 * 8 * 512 * 128, 3 * (2 * tile + sublanes) + 2 * 8 * 128 * 2 + 2 * 8 * 128 * 4)
 
 
 def test_the_tpu_update_writes_no_scores_and_its_kernels_are_costed():
@@ -156,3 +164,24 @@ def scores_in(hlo: str, queries, keys) -> list[str]:
             if len(dims) >= 2 and dims[-2] in queries and dims[-1] in keys:
                 found.append(line[:200])
     return found
+
+
+@pytest.mark.parametrize("rows_in_flight", [0, 4])
+def test_decoding_with_the_splash_kernel_samples_the_same_tokens(rows_in_flight):
+    """A decode step's splash path (each row's own cache and its prompt's shared prefix, merged by their
+    log-sum-exps; G = 3 query heads padded to a block of 8): the static sampler (prefix shared by n = 3
+    rows, cache grown in whole blocks) and slot refill (a prefix per slot) give the model's tokens and
+    log-probs, with left padding and stop tokens."""
+    cfg = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=97, hidden_size=48, intermediate_size=64,
+                      num_layers=2, num_heads=6, num_kv_heads=2, head_dim=16, qkv_bias=True,
+                      param_dtype="float32", compute_dtype="float32", eos_token_id=2)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 97, size=length).tolist() for length in (5, 9, 3)]
+    out = {}
+    for attention in ("xla", "splash"):
+        model = Transformer(dataclasses.replace(cfg, attention=attention), rngs=nnx.Rngs(0))
+        out[attention] = sampling.generate(model, prompts, max_new_tokens=20, n=3, seed=1, stop_ids=tuple(range(3, 13)),
+                                           rows_in_flight=rows_in_flight)
+    assert out["splash"].token_lists == out["xla"].token_lists
+    assert len({len(t) for t in out["xla"].token_lists}) > 2  # rows stop at different steps
+    np.testing.assert_allclose(out["splash"].logprobs, out["xla"].logprobs, atol=1e-5)

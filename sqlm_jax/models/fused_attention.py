@@ -14,6 +14,10 @@ the update's whole-sequence pass (offset 0, S = T), its shared prompt pass into 
 and its responses against that cache (offset = the prompt's length). Left padding is a segment: a
 real query sees real keys only; a padded position sees padded keys only (its output is junk, as in
 `attend`, but never a softmax over nothing).
+
+A decode step (`splash_decode`) runs the forward kernel with a kv head's G query heads as its queries,
+so each row's cache is read once a kv head, and the n rows that share a prompt as the queries against
+its prefix; XLA's dot of G query heads against the cache counted ~5x the cache's bytes.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from sqlm_jax import mesh as mesh_lib
 
 MAX_BLOCK = 512  # positions per block of queries and of keys (maxtext's default for splash)
 LANES = 128  # a block is a multiple of the TPU's 128 lanes
+SUBLANES = 8  # ... or, for a forward kernel's queries, of its 8 sublanes
 
 
 def platform(mesh: Mesh | None) -> str:
@@ -48,6 +53,12 @@ def block_size(length: int) -> int:
     return min(MAX_BLOCK, -(-length // LANES) * LANES)
 
 
+def query_block(length: int) -> int:
+    """The kernel's block of `length` queries: a forward-only call of fewer than LANES queries (decode
+    steps, whose grouped query heads are the queries) is one block of whole sublanes."""
+    return -(-length // SUBLANES) * SUBLANES if length < LANES else block_size(length)
+
+
 def padded(length: int) -> int:
     """`length` rounded up to whole blocks."""
     block = block_size(length)
@@ -57,7 +68,7 @@ def padded(length: int) -> int:
 def visited_blocks(t: int, s: int) -> int:
     """(query block, key block) pairs the kernel computes for T queries that are the last of S keys
     (T and S whole blocks, bottom-right causal): those with a key at or before one of their queries."""
-    bq, bkv = block_size(t), block_size(s)
+    bq, bkv = query_block(t), block_size(s)
     return sum(min(s // bkv, (i * bq + bq - 1 + s - t) // bkv + 1) for i in range(t // bq))
 
 
@@ -74,22 +85,22 @@ def kernel_cost(kind: str, rows: int, heads: int, t: int, s: int, head_dim: int,
     Per head, the kernel walks the visited (query block, key block) pairs. The forward and dq kernels
     hold a query block while the key blocks stream past: the keys, values and their segment ids are
     read once per pair, the query side once per query block. The dkv kernel holds a key block while the
-    query blocks stream past. Per-position float32 statistics (log-sum-exp, the dq kernel's row sums)
-    and segment ids are stored broadcast over the TPU's 128 lanes, as the kernel lays them out.
+    query blocks stream past. Each operand is counted in the block the kernel's BlockSpec gives it:
+    segment ids and float32 statistics are broadcast over 128 lanes or 8 sublanes, as the kernel
+    lays them out (splash_attention_kernel.py).
     """
-    bq, bkv = block_size(t), block_size(s)
+    bq, bkv = query_block(t), block_size(s)
     pairs = rows * heads * visited_blocks(t, s)
+    q_blocks, kv_blocks = rows * heads * (t // bq), rows * heads * (s // bkv)
     flops = pairs * MATMULS[kind] * 2 * bq * bkv * head_dim
-    kv_block = 2 * bkv * head_dim * itemsize + bkv * LANES * 4  # keys, values, segment ids
-    stats = bq * LANES * 4
-    if kind == "fwd":  # q, out, log-sum-exp per query block
-        per_query_block = 2 * bq * head_dim * itemsize + stats
-        return flops, pairs * kv_block + rows * heads * (t // bq) * per_query_block
-    if kind == "dq":  # q, do, dq, log-sum-exp, row sums per query block
-        per_query_block = 3 * bq * head_dim * itemsize + 2 * stats
-        return flops, pairs * kv_block + rows * heads * (t // bq) * per_query_block
-    q_block = 2 * bq * head_dim * itemsize + 2 * stats  # q, do, log-sum-exp, row sums per pair
-    return flops, pairs * q_block + rows * heads * (s // bkv) * (kv_block + 2 * bkv * head_dim * itemsize)
+    q_tile, kv_tile = bq * head_dim * itemsize, bkv * head_dim * itemsize  # one block of q (or do, dq, out)
+    lanes, sublanes = lambda rows: rows * LANES * 4, lambda cols: SUBLANES * cols * 4  # int32 or float32
+    if kind == "fwd":  # per pair keys, values, kv segment ids; per query block q, out, q segment ids, lse
+        return flops, pairs * (2 * kv_tile + sublanes(bkv)) + q_blocks * (2 * q_tile + 2 * lanes(bq))
+    if kind == "dq":  # per pair as fwd; per query block q, do, dq, q segment ids, lse and di [1, bq]
+        return flops, pairs * (2 * kv_tile + sublanes(bkv)) + q_blocks * (3 * q_tile + lanes(bq) + 2 * bq * 4)
+    # dkv: per pair q, do, q segment ids, lse, di; per key block keys, values, dk, dv, kv segment ids
+    return flops, pairs * (2 * q_tile + 3 * sublanes(bq)) + kv_blocks * (4 * kv_tile + lanes(bkv))
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,3 +150,74 @@ def splash_attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array, 
                              out_specs=head_spec, check_vma=False)
     out = rows(q, k, v, q_segment, kv_segment)[:, :, tp - t:]  # [N, K·G, T, H]
     return out.reshape(n, kv_heads, g, t, dh).transpose(0, 3, 1, 2, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_kernel(heads: int, t: int, s: int, interpret: bool) -> splash.SplashAttentionKernel:
+    """One row's forward-only kernel without a causal mask, returning its log-sum-exp: q `[heads, T, H]`
+    (T one block) over keys `[K, H, S]` and values `[K, S, H]`, S whole blocks."""
+    bq, bkv = query_block(t), block_size(s)
+    mask = splash_mask.MultiHeadMask([splash_mask.FullMask((t, s))] * heads)
+    sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, k_layout=splash.QKVLayout.SEQ_MINOR)
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                      save_residuals=True, interpret=interpret)
+
+
+def _attend_once(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, mesh: Mesh | None,
+                 interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """Queries that see the same keys, each set of keys read once a kv head: q `[N', K, Q, H]` (scaled)
+    over keys `[N', K, H, S]`, values `[N', K, S, H]` where `valid [N', S]` -> out `[N', K, Q, H]` and its
+    log-sum-exp `[N', K, Q]` (float32). More than MAX_BLOCK queries are split into query heads of a block
+    each, which share their kv head (the kernel's grouped-query heads)."""
+    n, kv_heads, queries, dh = q.shape
+    chunks = -(-queries // MAX_BLOCK)
+    t = query_block(-(-queries // chunks))
+    s = padded(k.shape[-1])
+    pad = lambda x, axis, to: jnp.pad(x, [(to - x.shape[axis] if a == axis else 0, 0) for a in range(x.ndim)])
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, chunks * t - queries), (0, 0))).reshape(n, kv_heads * chunks, t, dh)
+    k, v = pad(k, 3, s).swapaxes(2, 3), pad(v, 2, s)  # the kernel reads the keys sequence-minor, as they lie
+    kv_segment = pad(valid.astype(jnp.int32), 1, s)
+
+    def rows(q, k, v, kv_segment):
+        kernel = _decode_kernel(q.shape[1], t, s, interpret)
+        q_segment = jnp.ones((q.shape[0], t), jnp.int32)
+        return jax.vmap(kernel)(q, k, v, splash.SegmentIds(q_segment, kv_segment))
+
+    if mesh is not None:
+        head_spec = mesh_lib.logical_spec(("batch", "kv_heads", None, None), k.shape, mesh)
+        rows = jax.shard_map(rows, mesh=mesh, in_specs=(head_spec,) * 3 + (P(head_spec[0], None),),
+                             out_specs=(head_spec, (P(*head_spec[:3]),)), check_vma=False)
+    out, (lse,) = rows(q, k, v, kv_segment)
+    unchunk = lambda x: x.reshape((n, kv_heads, chunks * t) + x.shape[3:])[:, :, :queries]
+    return unchunk(out), unchunk(lse)
+
+
+def splash_decode(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, prefix, prefix_valid: jax.Array | None,
+                  mesh: Mesh | None, interpret: bool = False) -> jax.Array:
+    """One decode step's attention: q `[N, 1, K, G, H]` over the rows' own keys `[N, K, H, S]` and values
+    `[N, K, S, H]` where `valid [N, S]`, and over a `prefix` (a LayerCache of `[N/n, ...]`, shared by
+    groups of n rows, where `prefix_valid [N/n, P]`; or None) -> `[N, 1, K, G, H]`.
+
+    A kv head's G query heads are the kernel's queries, so each row's cache is read once a kv head (as
+    XLA's dot against the cache did not: sqlm_jax.step_time); the n rows of a group are the queries
+    against their shared prefix, read once a group. The two softmaxes are merged by their
+    log-sum-exps. The slots read are all S: the caller keeps S near the filled length (the static
+    sampler's segments).
+    """
+    n, _, kv_heads, g, dh = q.shape
+    q = q[:, 0] * jnp.asarray(1 / math.sqrt(dh), q.dtype)  # [N, K, G, H]
+    out, lse = _attend_once(q, k, v, valid, mesh, interpret)
+    if prefix is not None:
+        groups = prefix.k.shape[0]
+        grouped = q.reshape(groups, n // groups, kv_heads, g, dh).transpose(0, 2, 1, 3, 4)
+        p_out, p_lse = _attend_once(grouped.reshape(groups, kv_heads, -1, dh), prefix.k.astype(q.dtype),
+                                    prefix.v.astype(q.dtype), prefix_valid, mesh, interpret)
+        ungroup = lambda x: jnp.moveaxis(x.reshape((groups, kv_heads, n // groups, g) + x.shape[3:]), 2, 1
+                                         ).reshape((n, kv_heads, g) + x.shape[3:])
+        p_out, p_lse = ungroup(p_out), ungroup(p_lse)
+        top = jnp.maximum(lse, p_lse)
+        w, p_w = jnp.exp(lse - top), jnp.exp(p_lse - top)
+        out = ((out.astype(jnp.float32) * w[..., None] + p_out.astype(jnp.float32) * p_w[..., None])
+               / (w + p_w)[..., None]).astype(q.dtype)
+    return out[:, None]  # [N, 1, K, G, H]

@@ -126,12 +126,13 @@ class Attention(nnx.Module):
         different steps (the sampler's slot refill).
         Keys and values take the cache's layouts (see LayerCache) in both cases. A `prefix` of P slots
         (see `attend`) comes before the row's own keys: S' = P + S, and its slots come first in kv_mask.
-        A pass over several positions at a fixed slot and without a prefix may run the splash kernel
-        (fused_attention; `mesh`, the model's row mesh in such passes, says where its rows and heads
-        lie; see `_weight`).
+        A pass over several positions at a fixed slot and without a prefix, and a decode step (T = 1),
+        may run the splash kernel (fused_attention; `mesh`, the model's row mesh, says where its rows
+        and heads lie). Only passes over several positions gather the weights whole (`_weight`).
         """
-        dt = x.dtype
-        qkv = jnp.einsum("btd,dkgh->btkgh", x, _weight(self.qkv, dt, mesh))
+        dt, b, t = x.dtype, x.shape[0], x.shape[1]
+        gather = mesh if t > 1 else None
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, _weight(self.qkv, dt, gather))
         if self.lora_qkv is not None:
             qkv = qkv + self.lora_qkv(x).reshape(qkv.shape)
         if self.qkv_bias is not None:
@@ -142,7 +143,6 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        b, t = x.shape[:2]
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [N, K, H, T], [N, K, T, H]
         if cache is None:
             query_slot = jnp.arange(t)[None]  # [1, T]
@@ -165,10 +165,16 @@ class Attention(nnx.Module):
             key_slot = jnp.arange(prefix_len + v.shape[2])
             causal = key_slot[None, None, :] <= prefix_len + query_slot[:, :, None]
             mask = kv_mask[:, None, :] & causal  # [N, T, S']
-            out = attend(q, k.astype(dt), v.astype(dt), mask, prefix, self.seq_block)
+            if t == 1 and cache is not None and fused_attention.chosen(self.kernel, mesh):
+                groups = b if prefix is None else prefix.v.shape[0]
+                out = fused_attention.splash_decode(
+                    q, k.astype(dt), v.astype(dt), mask[:, 0, prefix_len:], prefix,
+                    kv_mask[::b // groups, :prefix_len], mesh, interpret=fused_attention.platform(mesh) != "tpu")
+            else:
+                out = attend(q, k.astype(dt), v.astype(dt), mask, prefix, self.seq_block)
         out = out.reshape(b, t, -1)  # [N, T, K·G·H]
         # One [K·G·H, D] matmul: contracting (heads, H) as two dims made XLA copy the weight every step.
-        projected = out @ _weight(self.o, dt, mesh).reshape(out.shape[-1], -1)
+        projected = out @ _weight(self.o, dt, gather).reshape(out.shape[-1], -1)
         if self.lora_o is not None:
             projected = projected + self.lora_o(out)
         return projected, cache
@@ -188,6 +194,7 @@ class MLP(nnx.Module):
         block's are alive, not the whole row's (at 3,584 positions, ~150 MiB a copy per row, ~17 copies
         in the compiled update: issue 30). Positions are independent here, so the results are the same."""
         b, t, d = x.shape
+        mesh = mesh if t > 1 else None
         gate_up, down = _weight(self.gate_up, x.dtype, mesh), _weight(self.down, x.dtype, mesh)
 
         def project(x):  # [M, D] -> [M, D]
@@ -268,7 +275,7 @@ def _in_turn(state, x, mesh):
     whole, `_weight`) tied by an optimization barrier, so XLA gathers a layer's weights once the layer
     before it is done. Free to schedule them, XLA's TPU program gathered every layer's weights at once
     (algebra's log-prob pass on a v5e-8: 6.3 -> 10.5 GiB a chip)."""
-    if mesh is None or mesh.shape["fsdp"] == 1:
+    if mesh is None or mesh.shape["fsdp"] == 1 or x.shape[1] == 1:
         return state, x
     return jax.lax.optimization_barrier((state, x))
 
@@ -329,7 +336,7 @@ class Transformer(nnx.Module):
         run = _run_layer_remat if cfg.remat else _run_layer
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = run(layer, rows, pinned, x, positions, kv_mask, rope,
+            x, layer_cache = run(layer, rows, self.row_mesh, x, positions, kv_mask, rope,
                                  None if cache is None else cache[i],
                                  write_index, None if prefix is None else prefix[i])
             new_cache.append(layer_cache)
