@@ -20,7 +20,6 @@ device's W/D slots take only its own block's rows, so a slot's prefix and output
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -28,7 +27,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from sqlm_jax import mesh as mesh_lib
-from sqlm_jax.models import fused_attention
 from sqlm_jax.models.attention import LayerCache
 from sqlm_jax.models.transformer import Transformer, positions_from_mask
 from sqlm_jax.prompt_pass import constrain_cache, prompt_pass
@@ -40,9 +38,6 @@ TAIL_SHRINK = 4
 # bench/rollout_lengths.py's workload 16 beat 4 by ~1.3x at 16 slots); the price is the wave's prompt
 # cache and prefill, which the memory plan counts.
 WAVE_ROWS = 16
-# A tick reads its slots' caches up to the shortest of R/8, R/4, R/2, R that holds every active slot's
-# tokens (cache_lengths).
-READ_PARTS = (8, 4, 2, 1)
 
 
 class Slots(NamedTuple):
@@ -74,16 +69,6 @@ def wave_prompts(prompts: int, n: int, slots: int) -> int:
     wave's tail, its last rows finishing, is the only time slots wait)."""
     target = max(1, WAVE_ROWS * slots // n)
     return max(g for g in range(1, min(prompts, target) + 1) if prompts % g == 0)
-
-
-def cache_lengths(r: int, whole_blocks: bool) -> list[int]:
-    """The slot cache lengths a tick may read, R/8 … R (in whole splash blocks where `whole_blocks`):
-    a tick reads the shortest that holds every active slot's tokens, so young slots do not pay for R.
-    Each is a branch of the compiled tick."""
-    lengths = {max(1, -(-r // parts)) for parts in READ_PARTS}
-    if whole_blocks:
-        lengths = {min(r, fused_attention.padded(n)) for n in lengths}
-    return sorted(lengths)
 
 
 def decode(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array, params, mesh: Mesh | None,
@@ -141,19 +126,9 @@ def _wave(model, prompt_tokens, prompt_mask, offset, d: int, w: int, params, mes
         slot_prefix = [LayerCache(flat(jax.vmap(lambda x, i: x[i])(blocks(c.k), prompt)),
                                   flat(jax.vmap(lambda x, i: x[i])(blocks(c.v), prompt))) for c in prefix]
         kv_mask = jnp.concatenate([flat(of_prompt(prefix_mask)), jnp.ones((d * w, r), bool)], axis=1)
-
-        def attend_over(length):  # the slots' first `length` cache slots: all that any active slot reads
-            head = [LayerCache(c.k[..., :length], c.v[:, :, :length]) for c in s.cache]
-            hidden, head = model.hidden_states(flat(s.last)[:, None], flat(s.position)[:, None],
-                                               kv_mask[:, :kv_mask.shape[1] - r + length], cache=head,
-                                               write_index=jnp.minimum(flat(s.step), r - 1), prefix=slot_prefix)
-            put = lambda whole, part, axis: jax.lax.dynamic_update_slice_in_dim(whole, part, 0, axis)
-            return hidden, [LayerCache(put(c.k, h.k, 3), put(c.v, h.v, 2)) for c, h in zip(s.cache, head)]
-
-        filled = jnp.max(jnp.where(s.active, s.step, 0)) + 1  # an inactive slot's write is dropped
-        lengths = cache_lengths(r, fused_attention.chosen(model.config.attention, mesh))
-        hidden, cache = jax.lax.switch(jnp.searchsorted(jnp.asarray(lengths), filled),
-                                       [functools.partial(attend_over, n) for n in lengths])
+        hidden, cache = model.hidden_states(flat(s.last)[:, None], flat(s.position)[:, None], kv_mask,
+                                            cache=s.cache, write_index=jnp.minimum(flat(s.step), r - 1),
+                                            prefix=slot_prefix)
         global_row = flat(row + offset[:, None])
         token, logprob = draw(model.logits(hidden[:, 0]), global_row, flat(s.step))
         token, logprob = token.reshape(d, w), logprob.reshape(d, w)
