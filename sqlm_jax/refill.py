@@ -126,8 +126,11 @@ def _wave(model, prompt_tokens, prompt_mask, offset, d: int, w: int, params, mes
         slot_prefix = [LayerCache(flat(jax.vmap(lambda x, i: x[i])(blocks(c.k), prompt)),
                                   flat(jax.vmap(lambda x, i: x[i])(blocks(c.v), prompt))) for c in prefix]
         kv_mask = jnp.concatenate([flat(of_prompt(prefix_mask)), jnp.ones((d * w, r), bool)], axis=1)
+        # An idle slot writes its junk at slot 0, which the next row's first step overwrites: the
+        # rows' steps alone bound the slots a tick reads (models/decode_attention.py).
+        write_index = jnp.where(flat(s.active), jnp.minimum(flat(s.step), r - 1), 0)
         hidden, cache = model.hidden_states(flat(s.last)[:, None], flat(s.position)[:, None], kv_mask,
-                                            cache=s.cache, write_index=jnp.minimum(flat(s.step), r - 1),
+                                            cache=s.cache, write_index=write_index,
                                             prefix=slot_prefix)
         global_row = flat(row + offset[:, None])
         token, logprob = draw(model.logits(hidden[:, 0]), global_row, flat(s.step))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sqlm_jax import mesh as mesh_lib
-from sqlm_jax.models import fused_attention
+from sqlm_jax.models import decode_attention, fused_attention
 from sqlm_jax.models.attention import LayerCache, attend
 from sqlm_jax.models.config import ModelConfig
 
@@ -165,11 +165,9 @@ class Attention(nnx.Module):
             key_slot = jnp.arange(prefix_len + v.shape[2])
             causal = key_slot[None, None, :] <= prefix_len + query_slot[:, :, None]
             mask = kv_mask[:, None, :] & causal  # [N, T, S']
-            if t == 1 and cache is not None and fused_attention.chosen(self.kernel, mesh):
-                groups = b if prefix is None else prefix.v.shape[0]
-                out = fused_attention.splash_decode(
-                    q, k.astype(dt), v.astype(dt), mask[:, 0, prefix_len:], prefix,
-                    kv_mask[::b // groups, :prefix_len], mesh, interpret=fused_attention.platform(mesh) != "tpu")
+            if t == 1 and cache is not None:
+                out = decode_attention.attend_step(q, k.astype(dt), v.astype(dt), mask, kv_mask, prefix, write_index,
+                                                   fused_attention.chosen(self.kernel, mesh), mesh)
             else:
                 out = attend(q, k.astype(dt), v.astype(dt), mask, prefix, self.seq_block)
         out = out.reshape(b, t, -1)  # [N, T, K·G·H]
