@@ -54,3 +54,20 @@ def test_a_bfloat16_cache_is_read_as_it_is():
     converted = [math.prod(map(int, dims.split("x")))
                  for dims in re.findall(r"stablehlo.convert .*-> tensor<([\dx]+)xf32>", text)]
     assert k.size not in converted and v.size not in converted, converted
+
+
+def test_refill_steps_read_the_shortest_cache_that_holds_every_row():
+    """Rows at different steps (slot refill) read S/8, S/4, S/2 or S slots: the shortest holding the
+    furthest row's slot, so the result is that of reading all S whichever length is read, including a
+    row exactly at a length's last slot or one past it."""
+    from sqlm_jax.models import decode_attention
+    assert decode_attention.read_lengths(S, False) == [2, 3, 6, 12]
+    assert decode_attention.read_lengths(3072, True) == [384, 1024, 1536, 3072]  # whole splash blocks
+    q, k, v, _, prefix = _decode_inputs(jnp.float32)
+    kv_mask = jnp.ones((N, P + S), bool).at[:, 0].set(False)
+    for furthest in (0, 1, 2, 5, 6, 11):  # the last slot of a length, and the first past it
+        write_index = jnp.array([0, furthest, furthest // 2, 1])
+        causal = jnp.arange(P + S)[None, None, :] <= P + write_index[:, None, None]
+        mask = kv_mask[:, None, :] & causal
+        out = decode_attention.attend_step(q, k, v, mask, kv_mask, prefix, write_index, False, None)
+        np.testing.assert_allclose(out, attend(q, k, v, mask, prefix), atol=1e-6, err_msg=f"furthest {furthest}")
