@@ -93,16 +93,14 @@ def param_shardings(state: nnx.State, mesh: Mesh | None, rules=DEFAULT_RULES) ->
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-# The MLP's and the vocabulary's weights as a sampler splits them: on F and V, not on the D a decode
-# step contracts (models/tensor_parallel.py).
-SAMPLING_RULES = DEFAULT_RULES + (("mlp", ("fsdp", "tensor")), ("vocab", ("fsdp", "tensor")), ("embed", None))
+# The MLP's weights as a sampler splits them: on F, not on the D a decode step contracts
+# (models/decode_mlp.py).
+SAMPLING_RULES = DEFAULT_RULES + (("mlp", ("fsdp", "tensor")), ("embed", None))
 
 
 def sampling_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-    """A weight's PartitionSpec as the sampler holds it: by SAMPLING_RULES for the MLP's and the
-    vocabulary's, else as trained."""
-    split = "mlp" in axes or "vocab" in axes
-    return logical_spec(axes, shape, mesh, SAMPLING_RULES if split else DEFAULT_RULES)
+    """A weight's PartitionSpec as the sampler holds it: by SAMPLING_RULES for the MLP's, else as trained."""
+    return logical_spec(axes, shape, mesh, SAMPLING_RULES if "mlp" in axes else DEFAULT_RULES)
 
 
 def sampling_weights(state: nnx.State, dtype, mesh: Mesh | None = None) -> nnx.State:
@@ -114,7 +112,7 @@ def sampling_weights(state: nnx.State, dtype, mesh: Mesh | None = None) -> nnx.S
         x = v[...]
         x = x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
         axes = v.get_metadata().get("axes") or (None,) * x.ndim
-        if mesh is not None and ("mlp" in axes or "vocab" in axes):
+        if mesh is not None and "mlp" in axes:
             x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, sampling_spec(axes, x.shape, mesh)))
         return v.replace(x)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sqlm_jax import mesh as mesh_lib
-from sqlm_jax.models import decode_attention, fused_attention, tensor_parallel
+from sqlm_jax.models import decode_attention, decode_mlp, fused_attention
 from sqlm_jax.models.attention import LayerCache, attend
 from sqlm_jax.models.config import ModelConfig
 
@@ -39,7 +39,8 @@ def _weight(param: nnx.Param, dtype, mesh) -> jax.Array:
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = 0.02) -> nnx.Param:
-    value = jnp.ones(shape, dtype) if std is None else std * jax.random.normal(rngs.params(), shape, dtype)
+    value = (jnp.ones(shape, dtype) if std is None
+             else std * jax.random.normal(rngs.params(), shape, dtype))
     return nnx.Param(value, axes=axes)
 
 
@@ -161,7 +162,8 @@ class Attention(nnx.Module):
                                                 interpret=fused_attention.platform(mesh) != "tpu")
         else:
             prefix_len = 0 if prefix is None else prefix.v.shape[2]
-            causal = jnp.arange(prefix_len + v.shape[2])[None, None, :] <= prefix_len + query_slot[:, :, None]
+            key_slot = jnp.arange(prefix_len + v.shape[2])
+            causal = key_slot[None, None, :] <= prefix_len + query_slot[:, :, None]
             mask = kv_mask[:, None, :] & causal  # [N, T, S']
             if t == 1 and cache is not None:
                 out = decode_attention.attend_step(q, k.astype(dt), v.astype(dt), mask, kv_mask, prefix, write_index,
@@ -185,15 +187,15 @@ class MLP(nnx.Module):
         self.seq_block = cfg.seq_block
 
     def __call__(self, x, mesh=None):
-        """x `[N, T, D]` -> `[N, T, D]` (`mesh`: see `_weight`; a decode step's: tensor_parallel), each row's
-        positions `seq_block` at a time when T is longer: each block's `[N, seq_block, 2F]` projections are
-        recomputed in the backward pass, so one block's are alive, not the whole row's (at 3,584 positions,
-        ~150 MiB a copy per row, ~17 copies in the compiled update: issue 30)."""
+        """x `[N, T, D]` -> `[N, T, D]` (`mesh`: see `_weight`), each row's positions `seq_block` at a time
+        when T is longer: each block's `[N, seq_block, 2F]` projections are recomputed in the backward pass, so one
+        block's are alive, not the whole row's (at 3,584 positions, ~150 MiB a copy per row, ~17 copies
+        in the compiled update: issue 30). Positions are independent here, so the results are the same."""
         b, t, d = x.shape
-        plain = self.lora_gate_up is self.lora_down is None
-        if t == 1 and plain and tensor_parallel.applies("mlp", self.down.shape[0], mesh):
-            return tensor_parallel.mlp_step(x[:, 0], self.gate_up[...].astype(x.dtype),
-                                            self.down[...].astype(x.dtype), _gated, mesh)[:, None]
+        if t == 1 and self.lora_gate_up is None and self.lora_down is None and decode_mlp.applies(self.down.shape[0], mesh):
+            out = decode_mlp.mlp_step(x[:, 0], self.gate_up[...].astype(x.dtype), self.down[...].astype(x.dtype),
+                                      _gated, mesh)
+            return out[:, None]
         mesh = mesh if t > 1 else None
         gate_up, down = _weight(self.gate_up, x.dtype, mesh), _weight(self.down, x.dtype, mesh)
 
@@ -332,7 +334,7 @@ class Transformer(nnx.Module):
         pinned = self.row_mesh if input_ids.shape[1] > 1 else None
         rows = lambda x: mesh_lib.constrain_rows(x, pinned)
         rope = rope_tables(positions, rope_inv_freq(cfg), cfg.compute_dtype)
-        x = tensor_parallel.lookup(self.embed[...].astype(cfg.compute_dtype), input_ids, self.row_mesh, rows)
+        x = rows(self.embed[...].astype(cfg.compute_dtype)[input_ids])
         run = _run_layer_remat if cfg.remat else _run_layer
         new_cache = []
         for i, layer in enumerate(self.layers):
@@ -345,9 +347,6 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """`hidden[..., D] -> logits[..., V]` in float32 (log-probs for PPO need the precision)."""
         dt = hidden.dtype
-        if hidden.ndim == 2 and tensor_parallel.applies("vocab", self.config.vocab_size, self.row_mesh):
-            table = self.embed[...] if self.lm_head is None else self.lm_head[...].T
-            return tensor_parallel.logits_step(hidden, table.astype(dt), self.row_mesh)
         if self.lm_head is None:
             out = jnp.einsum("...d,vd->...v", hidden, self.embed[...].astype(dt))
         else:
