@@ -93,28 +93,14 @@ def param_shardings(state: nnx.State, mesh: Mesh | None, rules=DEFAULT_RULES) ->
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-# The MLP's weights as a sampler splits them: on F, not on the D a decode step contracts
-# (models/decode_mlp.py).
-SAMPLING_RULES = DEFAULT_RULES + (("mlp", ("fsdp", "tensor")), ("embed", None))
-
-
-def sampling_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-    """A weight's PartitionSpec as the sampler holds it: by SAMPLING_RULES for the MLP's, else as trained."""
-    return logical_spec(axes, shape, mesh, SAMPLING_RULES if "mlp" in axes else DEFAULT_RULES)
-
-
-def sampling_weights(state: nnx.State, dtype, mesh: Mesh | None = None) -> nnx.State:
+def sampling_weights(state: nnx.State, dtype) -> nnx.State:
     """Inside jit: the floating weights in the compute `dtype`, once per sampler call: cast inside the
     decode step, each step read every float32 weight, wrote its bfloat16 copy and read that
     (sqlm_jax.step_time, algebra on a v5e-8). Their layout stays the training one: split for sampling
     on the MLP's width instead (Megatron's column / row split), XLA's TPU program moved more bytes."""
     def one(v):
         x = v[...]
-        x = x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-        axes = v.get_metadata().get("axes") or (None,) * x.ndim
-        if mesh is not None and "mlp" in axes:
-            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, sampling_spec(axes, x.shape, mesh)))
-        return v.replace(x)
+        return v.replace(x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -284,7 +284,7 @@ def _sample(graphdef: nnx.GraphDef, weights: nnx.State, prompt_tokens: jax.Array
     refill (sqlm_jax.refill); the same tokens either way.
     """
     dtype = nnx.merge(graphdef, weights).config.compute_dtype
-    model: Transformer = nnx.merge(graphdef, mesh_lib.sampling_weights(weights, dtype, mesh))
+    model: Transformer = nnx.merge(graphdef, mesh_lib.sampling_weights(weights, dtype))
     if 0 < params.rows_in_flight < prompt_tokens.shape[0] * params.n:
         rows_draw = lambda logits, rows, steps: draw(logits, row_keys(key, rows), steps, params)
         tokens, logprobs = refill.decode(model, prompt_tokens, prompt_mask, params, mesh, rows_draw)

@@ -27,9 +27,8 @@ import re
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from sqlm_jax import aot, mesh as mesh_lib, sampling
+from sqlm_jax import aot, sampling
 from sqlm_jax.device_memory import parse_accelerator
 from sqlm_jax.mesh import replicated
 from sqlm_jax.models import fused_attention
@@ -139,11 +138,9 @@ def lower_decode_step(run: aot.AbstractRun, role: str, model: str = "policy"):
     graphdef, weights = run.learner.policy
     # The weights as the sampler holds them for its decode steps (mesh.sampling_weights).
     dtype = jnp.dtype(run.model_config.compute_dtype)
-    as_sampled = lambda v: v.replace(jax.ShapeDtypeStruct(
-        v.shape, dtype if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype, sharding=NamedSharding(
-            run.mesh, mesh_lib.sampling_spec(v.get_metadata().get("axes") or (None,) * len(v.shape), v.shape,
-                                             run.mesh))))
-    weights = jax.tree.map(as_sampled, weights, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    as_sampled = lambda x: (jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x)
+    weights = jax.tree.map(as_sampled, weights)
     length = params.max_new_tokens // 2
     prompts = aot._rows(run.mesh, (rows // params.n, sampling.bucket_length(run.config.rollout.max_prompt_len)),
                         jnp.int32)

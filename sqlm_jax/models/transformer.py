@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sqlm_jax import mesh as mesh_lib
-from sqlm_jax.models import decode_attention, decode_mlp, fused_attention
+from sqlm_jax.models import decode_attention, fused_attention
 from sqlm_jax.models.attention import LayerCache, attend
 from sqlm_jax.models.config import ModelConfig
 
@@ -192,10 +192,6 @@ class MLP(nnx.Module):
         block's are alive, not the whole row's (at 3,584 positions, ~150 MiB a copy per row, ~17 copies
         in the compiled update: issue 30). Positions are independent here, so the results are the same."""
         b, t, d = x.shape
-        if t == 1 and self.lora_gate_up is None and self.lora_down is None and decode_mlp.applies(self.down.shape[0], mesh):
-            out = decode_mlp.mlp_step(x[:, 0], self.gate_up[...].astype(x.dtype), self.down[...].astype(x.dtype),
-                                      _gated, mesh)
-            return out[:, None]
         mesh = mesh if t > 1 else None
         gate_up, down = _weight(self.gate_up, x.dtype, mesh), _weight(self.down, x.dtype, mesh)
 
