@@ -96,8 +96,8 @@ def param_shardings(state: nnx.State, mesh: Mesh | None, rules=DEFAULT_RULES) ->
 def sampling_weights(state: nnx.State, dtype) -> nnx.State:
     """Inside jit: the floating weights in the compute `dtype`, once per sampler call: cast inside the
     decode step, each step read every float32 weight, wrote its bfloat16 copy and read that
-    (sqlm_jax.step_time, algebra on a v5e-8). Their layout stays the training one: split for sampling
-    on the MLP's width instead (Megatron's column / row split), XLA's TPU program moved more bytes."""
+    (sqlm_jax.step_time, algebra on a v5e-8). Their layout stays the training one (tpu/README.md: a
+    sampling layout split on the MLP's width, tried, moved more bytes by XLA's count)."""
     def one(v):
         x = v[...]
         return v.replace(x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x)
